@@ -1,0 +1,330 @@
+"""The ``autorank`` command.
+
+Errors a user can cause print one line (``error: ...``) and exit with code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from autorank.errors import AutorankError, CalibrationError, PlanError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+
+
+class CLIError(AutorankError):
+    """Bad command-line input not covered by a library error."""
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1x3x224x224`` -> (1, 3, 224, 224)."""
+    try:
+        dims = tuple(int(p) for p in text.lower().replace(",", "x").split("x") if p.strip())
+    except ValueError:
+        raise CLIError(f"--input {text!r}: expected a shape such as 1x3x224x224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise CLIError(f"--input {text!r}: expected positive dimensions such as 1x3x224x224")
+    return dims
+
+
+def parse_rank(text: str):
+    """``0.5`` -> ρ, ``16`` -> int, ``16,32`` -> tuple, ``vbmf`` -> keyword."""
+    t = text.strip()
+    try:
+        if "," in t:
+            return tuple(int(p) for p in t.split(","))
+        if any(c in t for c in ".eE"):
+            return float(t)
+        return int(t)
+    except ValueError:
+        if t.isidentifier():
+            return t
+        raise CLIError(f"--rank {text!r}: expected an integer, integers separated by commas, or a fraction in (0, 1]") from None
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_methods(args) -> int:
+    from autorank import methods
+
+    rows = [methods.get(n).describe() for n in methods.available()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="autorank methods", show_lines=False)
+    for col in ("method", "layers", "replacement", "rank", "data-aware", "reference"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["layers"]), r["structure"], r["rank"], "yes" if r["data_aware"] else "no", r["reference"])
+    console = _console()
+    console.print(table)
+    console.print("FLOPs follow fvcore's convention: one multiply-add = one FLOP.")
+    return 0
+
+
+def _load_model_and_input(args):
+    from autorank.zoo import example_input, load_model
+
+    model = load_model(args.model)
+    shape = parse_shape(args.input) if getattr(args, "input", None) else None
+    return model, example_input(args.model, shape)
+
+
+def _load_calibration(path: str) -> torch.Tensor:
+    p = Path(path)
+    if not p.exists():
+        raise CalibrationError(f"calibration file not found: {p}")
+    try:
+        if p.suffix == ".npy":
+            return torch.from_numpy(np.load(p, allow_pickle=False))
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CalibrationError(f"cannot read calibration file {p}: {str(exc).splitlines()[0]}") from None
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+        return list(obj)
+    raise CalibrationError(f"calibration file {p}: expected a tensor or a list of tensors, got {type(obj).__name__}")
+
+
+def _check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise CLIError(f"{path} exists; pass --force to overwrite it")
+    if path.exists() and path.is_dir():
+        raise CLIError(f"{path} is a directory")
+    if not path.parent.exists():
+        raise CLIError(f"output directory does not exist: {path.parent}")
+
+
+def _fvcore_flops(model, x) -> Optional[int]:
+    from autorank.cost.flops import count_flops
+
+    try:
+        return count_flops(model, x)
+    except Exception as exc:  # tracing can fail on exotic models: the summary then omits it
+        logging.getLogger("autorank").debug("fvcore could not count FLOPs: %s", exc)
+        return None
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _human(n: Optional[float]) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _make_plan(args, model):
+    from autorank.plan import Plan
+
+    if args.plan and args.method:
+        raise CLIError("give either --plan FILE or --method/--rank, not both")
+    if args.plan:
+        return Plan.load(args.plan)
+    if not args.method or args.rank is None:
+        raise CLIError("give a plan: --plan plan.json, or --method NAME --rank R for every eligible layer")
+    plan = Plan.uniform(model, args.method, parse_rank(args.rank), include=args.include, exclude=args.exclude)
+    if not plan.layers:
+        raise PlanError(f"no layer of model {args.model!r} can be decomposed with {args.method!r} (see `autorank plan --model {args.model}`)")
+    return plan
+
+
+def cmd_plan(args) -> int:
+    """Write (or print) a uniform plan: a starting point to edit."""
+    from autorank import methods
+    from autorank.surgery import candidate_layers
+
+    model, _ = _load_model_and_input(args)
+    if args.method:
+        plan = _make_plan(args, model)
+    else:
+        cands = candidate_layers(model)
+        if not any(r is None for _, r in cands.values()):
+            raise PlanError(f"model {args.model!r} has no layer autorank can decompose (Linear, Conv1D, Conv2d)")
+        from rich.table import Table
+
+        table = Table(title=f"decomposable layers of {args.model}")
+        for col in ("layer", "type", "shape", "methods that apply", "excluded because"):
+            table.add_column(col, overflow="fold")
+        for name, (module, reason) in cands.items():
+            ok = [n for n, why in methods.for_layer(module).items() if why is None] if reason is None else []
+            spec = methods.layer_spec(module)
+            table.add_row(name, type(module).__name__, spec.describe(), ", ".join(ok) or "-", reason or "")
+        _console().print(table)
+        return 0
+    text = plan.to_json() + "\n"
+    if args.output:
+        out = Path(args.output)
+        _check_output(out, args.force)
+        from autorank.export import atomic_write_text
+
+        atomic_write_text(out, text)
+        _console(stderr=True).print(f"wrote a plan of {len(plan)} layers to {out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_decompose(args) -> int:
+    import autorank
+    from autorank.surgery import resolve_plan
+
+    out = Path(args.output)
+    _check_output(out, args.force)
+    model, x = _load_model_and_input(args)
+    plan = _make_plan(args, model)
+    calibration = _load_calibration(args.calibration) if args.calibration else None
+    resolve_plan(model, plan)  # fail fast on a bad plan, before any work
+
+    err = _console(stderr=True)
+    t0 = time.perf_counter()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("decomposing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=err, transient=True, disable=args.quiet) as bar:
+        task = bar.add_task("", total=len(plan))
+        small = autorank.decompose(
+            model, plan, calibration=calibration, example_inputs=x,
+            progress=lambda done, total, name: bar.update(task, completed=done, description=name),
+        )
+    elapsed = time.perf_counter() - t0
+    autorank.save(small, out, metadata={"command": "decompose", "plan_source": args.plan or f"uniform {args.method} {args.rank}"})
+
+    summary = {"output": str(out), "layers": len(plan), "seconds": round(elapsed, 3),
+               "params_before": _params(model), "params_after": _params(small)}
+    if x is not None:
+        model.eval(), small.eval()
+        with torch.no_grad():
+            y0, y1 = model(x), small(x)
+        if isinstance(y0, torch.Tensor) and isinstance(y1, torch.Tensor):
+            summary["relative_output_error"] = float((y1 - y0).norm() / y0.norm().clamp_min(1e-12))
+        summary["flops_before"] = _fvcore_flops(model, x)
+        summary["flops_after"] = _fvcore_flops(small, x)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    console = _console()
+    used = ", ".join(f"{n} x{c}" for n, c in plan.methods_used().items())
+    console.print(f"decomposed {len(plan)} layers ({used}) in {elapsed:.2f}s -> [bold]{out}[/bold]")
+    console.print(f"params: {_human(summary['params_before'])} -> {_human(summary['params_after'])} "
+                  f"({100 * summary['params_after'] / max(1, summary['params_before']):.1f}%)")
+    if summary.get("flops_before"):
+        fb, fa = summary["flops_before"], summary["flops_after"]
+        pct = f" ({100 * fa / fb:.1f}%)" if fa else ""
+        console.print(f"FLOPs (fvcore, 1 multiply-add = 1 FLOP) on input {tuple(x.shape)}: {_human(fb)} -> {_human(fa)}{pct}")
+    if "relative_output_error" in summary:
+        console.print(f"relative output error on the example input: {summary['relative_output_error']:.4f}")
+    console.print(f"load it with: autorank.load({str(out)!r})")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+EPILOG_MAIN = """examples:
+  autorank methods
+  autorank plan --model demo
+  autorank decompose --model demo --method tucker2 --rank 0.5 -o demo-small.pt
+  autorank decompose --model mypkg.models:build --plan plan.json --input 1x3x224x224 -o small.pt
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autorank",
+        description="Low-rank compression of PyTorch models: per-layer method and rank.",
+        epilog=EPILOG_MAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from autorank import __version__
+
+    p.add_argument("--version", action="version", version=f"autorank {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    m = sub.add_parser("methods", help="list the decomposition methods", epilog="examples:\n  autorank methods\n  autorank methods --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=cmd_methods)
+
+    def model_args(sp):
+        sp.add_argument("--model", default="demo", metavar="SPEC",
+                        help="built-in name (demo, resnet50, bert-base), package.module:callable or file.py:callable (default: demo)")
+        sp.add_argument("--input", metavar="SHAPE", help="example input shape, e.g. 1x3x224x224 (built-ins know theirs)")
+
+    def plan_args(sp):
+        sp.add_argument("--plan", metavar="FILE", help="plan JSON: {\"layers\": {name: {\"method\": ..., \"rank\": ...}}}")
+        sp.add_argument("--method", help="one method for every eligible layer (see `autorank methods`)")
+        sp.add_argument("--rank", help="with --method: int rank, 'r1,r2', or fraction of FLOPs kept in (0, 1], e.g. 0.5")
+        sp.add_argument("--include", metavar="REGEX", help="with --method: only layers whose name matches")
+        sp.add_argument("--exclude", metavar="REGEX", help="with --method: skip layers whose name matches")
+
+    pl = sub.add_parser("plan", help="list decomposable layers, or write a uniform plan to edit",
+                        epilog="examples:\n  autorank plan --model demo\n  autorank plan --model demo --method svd --rank 0.5 -o plan.json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(pl)
+    plan_args(pl)
+    pl.add_argument("-o", "--output", metavar="FILE", help="write the plan here (default: print it)")
+    pl.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    pl.set_defaults(func=cmd_plan)
+
+    d = sub.add_parser("decompose", help="decompose a model by a plan and save it",
+                       epilog=EPILOG_MAIN.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(d)
+    plan_args(d)
+    d.add_argument("--calibration", metavar="FILE", help="inputs (.pt tensor or list of tensors, or .npy) for data-aware initialisation")
+    d.add_argument("-o", "--output", required=True, metavar="FILE", help="where to save the decomposed model (.pt)")
+    d.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_decompose)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except AutorankError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:  # console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

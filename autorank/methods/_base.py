@@ -1,0 +1,317 @@
+"""The method base class and the factors container.
+
+A method knows, for the layer kinds it claims:
+
+- :meth:`BaseMethod.applies`: None when it applies, else the reason it does not;
+- :meth:`BaseMethod.max_rank` and :meth:`BaseMethod.resolve_rank`: the method's
+  own rank (int or tuple) from an explicit rank or a kept fraction ρ of FLOPs;
+- :meth:`BaseMethod.factorize`: the expensive part, once per layer (nested
+  methods) or once per rank (others), cached by :class:`autorank.cache.FactorCache`;
+- :meth:`BaseMethod.build`: the replacement, initialised from the factors, or a
+  skeleton on the meta device when ``factors`` is None;
+- :meth:`BaseMethod.cost`: exact parameters and FLOPs of the replacement, from a
+  formula, equal to fvcore's count of the built module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from autorank.errors import NotApplicableError, RankError
+from autorank.methods._layers import (
+    Cost,
+    Decomposed,
+    LayerSpec,
+    conv_flops,
+    conv_out_size,
+    layer_kind,
+    layer_spec,
+    linear_flops,
+    nominal_input_shape,
+    rows_of,
+)
+
+__all__ = ["BaseMethod", "Factors", "Rank", "dense_cost", "LayerStats"]
+
+Rank = Union[int, tuple[int, ...]]
+
+
+@dataclass
+class Factors:
+    """The result of one factorization: named tensors plus JSON-able metadata.
+
+    Nested factorizations hold every rank at once (truncation is a slice);
+    others hold one rank, recorded in ``meta["rank"]``.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one layer's input.
+
+    ``gram`` has shape (groups, d, d) in float64, where d is the length of one
+    input row (in features, or in_channels/groups * kh * kw patch elements for a
+    convolution, in ``F.unfold`` order); ``count`` is the number of rows summed.
+    """
+
+    gram: torch.Tensor
+    count: int
+    input_shape: Optional[tuple[int, ...]] = None
+
+    def digest(self) -> str:
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.gram.detach().cpu().contiguous().numpy().tobytes())
+        h.update(str(self.count).encode())
+        return h.hexdigest()
+
+
+def dense_cost(module_or_spec, input_shape: Optional[Sequence[int]] = None) -> Cost:
+    """Exact parameters and FLOPs of the original (dense) layer."""
+    spec = module_or_spec if isinstance(module_or_spec, LayerSpec) else layer_spec(module_or_spec)
+    shape = tuple(input_shape) if input_shape is not None else nominal_input_shape(spec)
+    bias = spec.out_channels if spec.bias else 0
+    if not spec.is_conv:
+        params = spec.in_channels * spec.out_channels + bias
+        return Cost(params, linear_flops(rows_of(shape), spec.in_channels, spec.out_channels))
+    b, _, h, w = shape
+    kh, kw = spec.kernel_size
+    oh = conv_out_size(h, kh, spec.stride[0], spec.padding[0], spec.dilation[0])
+    ow = conv_out_size(w, kw, spec.stride[1], spec.padding[1], spec.dilation[1])
+    params = spec.out_channels * spec.in_per_group * kh * kw + bias
+    return Cost(params, conv_flops(b, spec.out_channels, spec.in_per_group, kh, kw, oh, ow))
+
+
+class BaseMethod:
+    """Base class of every decomposition method.
+
+    Subclasses set the class attributes and implement :meth:`_applies`,
+    :meth:`max_rank`, :meth:`_cost`, :meth:`_factorize` and :meth:`_build`.
+    """
+
+    #: normalised lowercase name used in plans and on the command line
+    name: ClassVar[str] = ""
+    #: layer kinds it claims, among "linear", "conv1d", "conv2d"
+    layer_kinds: ClassVar[tuple[str, ...]] = ()
+    #: one factorization serves every rank (truncation is a slice)
+    nested: ClassVar[bool] = True
+    #: at max_rank() the replacement reproduces the layer up to float error
+    exact_at_max_rank: ClassVar[bool] = True
+    #: uses calibration statistics (input Gram matrices) when given
+    data_aware: ClassVar[bool] = False
+    #: the structure it produces, in words
+    structure: ClassVar[str] = ""
+    #: the paper(s), short form for tables; the docstring has the full References block
+    reference: ClassVar[str] = ""
+    #: bumped when factorize() changes, so that stale disk-cache entries are not reused
+    cache_version: ClassVar[int] = 1
+
+    # ------------------------------------------------------------------ applicability
+    def applies(self, module: nn.Module) -> Optional[str]:
+        """None if this method can decompose ``module``, else the reason it cannot."""
+        kind = layer_kind(module)
+        if kind is None:
+            return f"{type(module).__name__} is not a layer type autorank decomposes"
+        if kind not in self.layer_kinds:
+            return f"{self.name} does not apply to {_KIND_NAMES[kind]} (only {', '.join(_KIND_NAMES[k] for k in self.layer_kinds)})"
+        try:
+            spec = layer_spec(module)
+        except ValueError as exc:
+            return str(exc)
+        return self._applies(spec)
+
+    def _applies(self, spec: LayerSpec) -> Optional[str]:
+        return None
+
+    def check_applies(self, module: nn.Module, name: str = "") -> LayerSpec:
+        reason = self.applies(module)
+        if reason is not None:
+            where = f"layer {name!r}: " if name else ""
+            raise NotApplicableError(f"{where}method {self.name!r} does not apply: {reason}")
+        return layer_spec(module)
+
+    # ------------------------------------------------------------------ ranks
+    def max_rank(self, spec: LayerSpec) -> Rank:
+        """The largest valid rank (exact reconstruction where ``exact_at_max_rank``)."""
+        raise NotImplementedError
+
+    def rank_arity(self) -> int:
+        """How many integers make one rank (1 for int ranks)."""
+        return 1
+
+    def normalize_rank(self, spec: LayerSpec, rank: Any, name: str = "") -> Rank:
+        """Validate an explicit integer (or tuple) rank; raise RankError naming the culprit."""
+        where = f"layer {name!r}, " if name else ""
+        arity = self.rank_arity()
+        mx = self.max_rank(spec)
+        if isinstance(rank, bool):
+            raise RankError(f"{where}method {self.name!r}: rank must be a number, got {rank!r}")
+        if arity == 1:
+            if isinstance(rank, (list, tuple)):
+                if len(rank) != 1:
+                    raise RankError(f"{where}method {self.name!r} takes one integer rank, got {list(rank)}")
+                rank = rank[0]
+            if not isinstance(rank, int) or isinstance(rank, bool):
+                raise RankError(f"{where}method {self.name!r}: rank must be an integer or a fraction in (0, 1], got {rank!r}")
+            if rank < 1 or rank > mx:
+                raise RankError(f"{where}method {self.name!r}: rank {rank} is out of range 1..{mx}")
+            return int(rank)
+        if isinstance(rank, int):
+            rank = (rank,) * arity
+        if not isinstance(rank, (list, tuple)) or len(rank) != arity or not all(
+            isinstance(r, int) and not isinstance(r, bool) for r in rank
+        ):
+            raise RankError(
+                f"{where}method {self.name!r}: rank must be {arity} integers, one integer or a fraction in (0, 1], got {rank!r}"
+            )
+        for r, m in zip(rank, mx):
+            if r < 1 or r > m:
+                raise RankError(f"{where}method {self.name!r}: rank {list(rank)} is out of range (1..{list(mx)})")
+        return tuple(int(r) for r in rank)
+
+    def resolve_rank(
+        self,
+        module_or_spec,
+        rank: Any,
+        input_shape: Optional[Sequence[int]] = None,
+        name: str = "",
+    ) -> Rank:
+        """The method's own rank from an explicit rank, or from a float ρ in (0, 1]."""
+        spec = module_or_spec if isinstance(module_or_spec, LayerSpec) else layer_spec(module_or_spec)
+        if isinstance(rank, float):
+            if not (0.0 < rank <= 1.0) or math.isnan(rank):
+                where = f"layer {name!r}, " if name else ""
+                raise RankError(
+                    f"{where}method {self.name!r}: a fractional rank must be in (0, 1] (kept fraction of FLOPs), got {rank}"
+                )
+            return self.rank_for(spec, rank, input_shape)
+        return self.normalize_rank(spec, rank, name)
+
+    def rank_for(self, module_or_spec, rho: float, input_shape: Optional[Sequence[int]] = None) -> Rank:
+        """The largest rank whose replacement keeps at most ``rho`` of the layer's FLOPs.
+
+        Never below the smallest rank (1, or (1, 1)), so a tiny ρ gives the
+        smallest replacement rather than an error.
+        """
+        spec = module_or_spec if isinstance(module_or_spec, LayerSpec) else layer_spec(module_or_spec)
+        shape = tuple(input_shape) if input_shape is not None else nominal_input_shape(spec)
+        target = rho * dense_cost(spec, shape).flops
+        candidates = self.rank_path(spec)
+        # FLOPs grow along the path: binary search the last candidate within target
+        lo, hi = 0, len(candidates) - 1
+        if self._cost(spec, candidates[0], shape).flops > target:
+            return candidates[0]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._cost(spec, candidates[mid], shape).flops <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        return candidates[lo]
+
+    def rank_path(self, spec: LayerSpec) -> list[Rank]:
+        """Ranks from smallest to largest along which ρ is mapped (cost grows along it)."""
+        mx = self.max_rank(spec)
+        if isinstance(mx, int):
+            return list(range(1, mx + 1))
+        # tuples: grow every component in proportion to its maximum
+        steps = max(mx)
+        path: list[Rank] = []
+        for i in range(1, steps + 1):
+            r = tuple(max(1, round(m * i / steps)) for m in mx)
+            if not path or r != path[-1]:
+                path.append(r)
+        return path
+
+    # ------------------------------------------------------------------ cost
+    def cost(self, module_or_spec, rank: Rank, input_shape: Optional[Sequence[int]] = None) -> Cost:
+        """Exact parameters and FLOPs of the replacement at ``rank`` on ``input_shape``."""
+        spec = module_or_spec if isinstance(module_or_spec, LayerSpec) else layer_spec(module_or_spec)
+        shape = tuple(input_shape) if input_shape is not None else nominal_input_shape(spec)
+        return self._cost(spec, rank, shape)
+
+    def _cost(self, spec: LayerSpec, rank: Rank, input_shape: tuple[int, ...]) -> Cost:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ factorize / build
+    def factorize(
+        self,
+        module: nn.Module,
+        stats: Optional[LayerStats] = None,
+        rank: Optional[Rank] = None,
+        options: Optional[dict] = None,
+    ) -> Factors:
+        """Factorize the layer's weight. ``rank`` is used only by non-nested methods."""
+        spec = self.check_applies(module)
+        if not self.nested and rank is None:
+            raise ValueError(f"method {self.name!r} is not nested: factorize() needs a rank")
+        return self._factorize(module, spec, stats, rank, dict(options or {}))
+
+    def _factorize(self, module, spec: LayerSpec, stats, rank, options: dict) -> Factors:
+        raise NotImplementedError
+
+    def build(self, module: nn.Module, factors: Optional[Factors], rank: Rank, options: Optional[dict] = None) -> Decomposed:
+        """The replacement of ``module`` at ``rank``; a meta-device skeleton when ``factors`` is None."""
+        spec = layer_spec(module)
+        w = module.weight
+        layers = self._build(spec, factors, rank, dict(options or {}), bias_tensor(module), w.device, w.dtype)
+        return Decomposed(
+            *layers, method=self.name, rank=rank, replaced=type(module).__name__, spec=spec, options=options
+        )
+
+    def _build(self, spec, factors, rank, options, bias, device, dtype) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def options_key(self, options: Optional[dict]) -> dict:
+        """The options that change what factorize() returns (part of the cache key)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "layers": [_KIND_NAMES[k] for k in self.layer_kinds],
+            "structure": self.structure,
+            "rank": self.rank_help(),
+            "nested": self.nested,
+            "data_aware": self.data_aware,
+            "reference": self.reference,
+        }
+
+    def rank_help(self) -> str:
+        return "int r, or fraction ρ of FLOPs in (0, 1]"
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"
+
+
+def bias_tensor(module: nn.Module) -> Optional[torch.Tensor]:
+    b = getattr(module, "bias", None)
+    return None if b is None else b.detach()
+
+
+_KIND_NAMES = {"linear": "Linear", "conv1d": "Conv1D (GPT-2)", "conv2d": "Conv2d"}
+
+
+# ---------------------------------------------------------------------- shared cost helpers
+def conv_out_hw(spec: LayerSpec, input_shape: Sequence[int]) -> tuple[int, int, int, int, int]:
+    """(batch, in_h, in_w, out_h, out_w) of a conv2d layer on ``input_shape``."""
+    b, _, h, w = input_shape
+    kh, kw = spec.kernel_size
+    oh = conv_out_size(h, kh, spec.stride[0], spec.padding[0], spec.dilation[0])
+    ow = conv_out_size(w, kw, spec.stride[1], spec.padding[1], spec.dilation[1])
+    return b, h, w, oh, ow
+
+
+__all__ += ["conv_out_hw", "bias_tensor", "conv_flops", "linear_flops", "rows_of", "Cost", "LayerSpec"]

@@ -1,0 +1,227 @@
+"""Find the layers of any nn.Module that can be decomposed, and swap them by qualified name.
+
+Nothing is asked of the user's model: no base class, no attribute. Layers are
+found by type (Linear, GPT-2 Conv1D, Conv2d) and excluded, with a reason, when
+replacing them would change the model's behaviour:
+
+- a Linear owned by ``nn.MultiheadAttention`` (its weight is read by the fused
+  attention function, the module itself is never called);
+- a layer whose weight is shared with another module (tied weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+from torch import nn
+
+from autorank import methods as registry
+from autorank.cache import FactorCache, default_cache
+from autorank.calibration import Calibration, collect, record_input_shapes
+from autorank.errors import NotApplicableError, UnknownLayerError
+from autorank.methods._base import BaseMethod, Rank
+from autorank.methods._layers import Decomposed, layer_kind
+from autorank.plan import LayerPlan, Plan
+
+logger = logging.getLogger("autorank")
+
+__all__ = [
+    "candidate_layers",
+    "set_submodule",
+    "ResolvedLayer",
+    "resolve_plan",
+    "decompose",
+    "plan_of",
+    "apply_skeleton",
+]
+
+
+def candidate_layers(model: nn.Module) -> dict[str, tuple[nn.Module, Optional[str]]]:
+    """Every Linear / Conv1D / Conv2d by qualified name, with None or the reason it is excluded."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    mha_children: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child, _ in module.named_modules():
+                if child:
+                    mha_children.add(f"{name}.{child}" if name else child)
+    out: dict[str, tuple[nn.Module, Optional[str]]] = {}
+    for name, module in model.named_modules():
+        if not name or layer_kind(module) is None:
+            continue
+        reason = None
+        if name in mha_children:
+            reason = "owned by nn.MultiheadAttention, which reads its weight directly"
+        else:
+            shared = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+            if shared:
+                reason = f"weight is shared with {shared[0]} (tied weights)"
+        out[name] = (module, reason)
+    return out
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the module at qualified ``name`` (works for Sequential / ModuleList indices too)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@dataclass(frozen=True)
+class ResolvedLayer:
+    """One layer of a plan checked against a model: its module, method and concrete rank."""
+
+    name: str
+    module: nn.Module
+    method: BaseMethod
+    rank: Rank
+    options: dict
+    input_shape: Optional[tuple[int, ...]]
+
+
+def _lookup(model: nn.Module, name: str, candidates: dict) -> nn.Module:
+    if name in candidates:
+        module, reason = candidates[name]
+        if reason is not None:
+            raise NotApplicableError(f"layer {name!r} cannot be decomposed: {reason}")
+        return module
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(candidates), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownLayerError(f"unknown layer {name!r}: the model has no module by that name{hint}") from None
+    raise NotApplicableError(
+        f"layer {name!r} is a {type(module).__name__}; autorank decomposes Linear, Conv1D (GPT-2) and Conv2d layers"
+    )
+
+
+def resolve_plan(
+    model: nn.Module,
+    plan: Union[Plan, dict, str],
+    input_shapes: Optional[dict[str, tuple[int, ...]]] = None,
+) -> list[ResolvedLayer]:
+    """Check every entry of ``plan`` against ``model`` and turn fractions ρ into concrete ranks.
+
+    Raises, before anything is computed, the first error among: unknown layer,
+    layer of another type or excluded, unknown method, method not applicable,
+    invalid rank.
+    """
+    plan = Plan.coerce(plan)
+    candidates = candidate_layers(model)
+    out = []
+    for name, lp in plan.layers.items():
+        module = _lookup(model, name, candidates)
+        method = registry.get(lp.method)
+        method.check_applies(module, name)
+        shape = (input_shapes or {}).get(name)
+        rank = method.resolve_rank(module, lp.rank, shape, name=name)
+        out.append(ResolvedLayer(name, module, method, rank, dict(lp.options), shape))
+    return out
+
+
+def _needs_shapes(plan: Plan) -> bool:
+    return any(isinstance(lp.rank, float) for lp in plan.layers.values())
+
+
+def decompose(
+    model: nn.Module,
+    plan: Union[Plan, dict, str],
+    calibration: Any = None,
+    *,
+    example_inputs: Any = None,
+    cache: Optional[FactorCache] = None,
+    progress: Optional[Callable[[int, int, str], None]] = None,
+) -> nn.Module:
+    """A new model with the layers of ``plan`` decomposed; ``model`` is left untouched.
+
+    ``calibration``: a :class:`~autorank.calibration.Calibration`, or inputs
+    (tensor, list of batches, DataLoader) from which one is collected. Data-aware
+    methods then minimise the output error on these inputs.
+    ``example_inputs``: inputs used only to learn each layer's input shape, so that
+    fractional ranks count FLOPs on the real feature-map sizes.
+    ``cache``: where factorizations are kept (default: the process-wide cache).
+    ``progress``: called as ``progress(done, total, layer_name)``.
+    """
+    plan = Plan.coerce(plan)
+    cache = cache if cache is not None else default_cache()
+    # check the plan before any work, so that bad input costs nothing
+    resolve_plan(model, plan)
+    cal: Optional[Calibration] = None
+    if calibration is not None:
+        if isinstance(calibration, Calibration):
+            cal = calibration
+        else:
+            wanted = [n for n, lp in plan.layers.items() if registry.get(lp.method).data_aware]
+            cal = collect(model, calibration, wanted)
+            if _needs_shapes(plan):
+                missing = [n for n in plan.layers if n not in cal.input_shapes]
+                if missing:
+                    cal.input_shapes.update(record_input_shapes(model, calibration, missing))
+    shapes: dict[str, tuple[int, ...]] = dict(cal.input_shapes) if cal is not None else {}
+    if example_inputs is not None and _needs_shapes(plan):
+        shapes.update({k: v for k, v in record_input_shapes(model, example_inputs, list(plan.layers)).items() if k not in shapes})
+    resolved = resolve_plan(model, plan, shapes)
+
+    replacements: dict[str, nn.Module] = {}
+    total = len(resolved)
+    for i, rl in enumerate(resolved):
+        stats = cal.get(rl.name) if (cal is not None and rl.method.data_aware) else None
+        factors = cache.get(rl.method, rl.module, stats, rl.rank, rl.options)
+        replacements[rl.name] = rl.method.build(rl.module, factors, rl.rank, rl.options)
+        if progress is not None:
+            progress(i + 1, total, rl.name)
+    return _copy_with(model, replacements)
+
+
+def _copy_with(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """Deep copy of ``model`` in which the replaced layers are never copied, then swapped in."""
+    named = dict(model.named_modules())
+    memo: dict[int, Any] = {}
+    stubs = {}
+    for name in replacements:
+        stub = nn.Identity()
+        memo[id(named[name])] = stub
+        stubs[name] = stub
+    new = copy.deepcopy(model, memo)
+    for name, module in sorted(replacements.items(), key=lambda kv: kv[0].count(".")):
+        set_submodule(new, name, module)
+    return new
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The concrete plan a decomposed model carries (from its Decomposed modules)."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Decomposed):
+            layers[name] = LayerPlan(module.method, module.rank, dict(getattr(module, "options", {}) or {}))
+    return Plan(layers)
+
+
+def apply_skeleton(model: nn.Module, plan: Plan) -> nn.Module:
+    """Replace the plan's layers in place by meta-device skeletons (for loading saved weights)."""
+    for name, lp in sorted(plan.layers.items(), key=lambda kv: kv[0].count(".")):
+        candidates = {name: (model.get_submodule(name), None)} if _has(model, name) else {}
+        module = _lookup(model, name, candidates)
+        method = registry.get(lp.method)
+        method.check_applies(module, name)
+        rank = method.normalize_rank(registry.layer_spec(module), lp.rank, name)
+        set_submodule(model, name, method.build(module, None, rank, lp.options))
+    return model
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
