@@ -21,8 +21,22 @@ def _as_tuple(inputs: Any) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+def _convolution_mode_flop_jit(inputs: list, outputs: list) -> int:
+    """fvcore handle for ``aten::_convolution_mode`` (Conv2d with ``padding='same'/'valid'``).
+
+    fvcore has no handle for it and would count such convolutions as zero.
+    """
+    from fvcore.nn.jit_handles import conv_flop_count, get_shape
+
+    return conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]), transposed=False)
+
+
 def count_flops(model: nn.Module, inputs: Any) -> int:
-    """FLOPs of one forward pass counted by fvcore (1 multiply-add = 1 FLOP)."""
+    """FLOPs of one forward pass counted by fvcore (1 multiply-add = 1 FLOP).
+
+    Adds the one handle fvcore lacks for layers autorank decomposes:
+    convolutions with string padding (``aten::_convolution_mode``).
+    """
     from fvcore.nn import FlopCountAnalysis
 
     was_training = model.training
@@ -32,6 +46,7 @@ def count_flops(model: nn.Module, inputs: Any) -> int:
             warnings.simplefilter("ignore")
             logging.getLogger("fvcore").setLevel(logging.ERROR)
             analysis = FlopCountAnalysis(model, _as_tuple(inputs))
+            analysis.set_op_handle("aten::_convolution_mode", _convolution_mode_flop_jit)
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
             with torch.no_grad():
