@@ -32,19 +32,27 @@ logger = logging.getLogger("autorank")
 
 __all__ = ["FactorCache", "default_cache", "weight_digest"]
 
-_DIGESTS: dict[int, tuple[weakref.ref, int, str]] = {}
+_DIGESTS: dict[int, tuple[weakref.ref, tuple, str]] = {}
 _DIGEST_LOCK = threading.Lock()
 
 
 def weight_digest(t: torch.Tensor) -> str:
-    """Content hash of a tensor, memoised per tensor object and version (in-place edits rehash)."""
+    """Content hash of a tensor.
+
+    Memoised per tensor object; the memo is trusted only while the tensor's
+    storage pointer, version counter and a cheap fingerprint (its sum and sum of
+    absolute values) are unchanged, so in-place edits — including through
+    ``.data``, which bypasses the version counter — are rehashed.
+    """
+    data = t.detach()
+    with torch.no_grad():
+        fingerprint = (data.data_ptr(), t._version, float(data.sum(dtype=torch.float64)) if data.numel() else 0.0,
+                       float(data.abs().sum(dtype=torch.float64)) if data.numel() else 0.0)
     key = id(t)
-    version = t._version
     with _DIGEST_LOCK:
         hit = _DIGESTS.get(key)
-        if hit is not None and hit[0]() is t and hit[1] == version:
+        if hit is not None and hit[0]() is t and hit[1] == fingerprint:
             return hit[2]
-    data = t.detach()
     h = hashlib.blake2b(digest_size=20)
     h.update(f"{tuple(data.shape)}|{data.dtype}".encode())
     h.update(data.cpu().contiguous().view(torch.uint8).numpy().tobytes() if data.numel() else b"")
@@ -54,7 +62,7 @@ def weight_digest(t: torch.Tensor) -> str:
     except TypeError:  # pragma: no cover - tensors support weak references
         return digest
     with _DIGEST_LOCK:
-        _DIGESTS[key] = (ref, version, digest)
+        _DIGESTS[key] = (ref, fingerprint, digest)
         if len(_DIGESTS) > 100_000:
             for k in [k for k, v in _DIGESTS.items() if v[0]() is None]:
                 del _DIGESTS[k]

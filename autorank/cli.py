@@ -68,16 +68,19 @@ def cmd_methods(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="autorank methods", show_lines=False)
-    for col in ("method", "layers", "replacement", "rank", "data-aware", "reference"):
+    for col in ("method", "layers", "replacement", "rank (or ρ)", "data-aware", "reference"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], ", ".join(r["layers"]), r["structure"], r["rank"], "yes" if r["data_aware"] else "no", r["reference"])
+        cells = (r["name"], ", ".join(r["layers"]), r["structure"], r["rank_format"], "yes" if r["data_aware"] else "no", r["reference"])
+        table.add_row(*(escape(c) for c in cells))
     console = _console()
     console.print(table)
-    console.print("FLOPs follow fvcore's convention: one multiply-add = one FLOP.")
+    console.print("A rank is the method's own, or a float ρ in (0, 1]: keep about ρ of the layer's FLOPs "
+                  "(fvcore's convention: one multiply-add = one FLOP). `--json` gives details and options.")
     return 0
 
 

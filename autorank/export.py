@@ -65,15 +65,15 @@ def _class_spec(model: nn.Module) -> Optional[str]:
     cls = type(model)
     if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
         return None
+    if cls.__module__.split(".")[0] == "torch":  # nn.Sequential() & co. build an empty container
+        return None
     try:
         sig = inspect.signature(cls.__init__)
     except (TypeError, ValueError):
         return None
-    required = [
-        p for n, p in list(sig.parameters.items())[1:]
-        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    if required:
+    params = list(sig.parameters.values())[1:]
+    required = [p for p in params if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required or any(p.kind == p.VAR_POSITIONAL for p in params):
         return None
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -150,8 +150,13 @@ def load(
     except AutorankError as exc:
         raise SaveLoadError(f"{path}: the model does not match the saved plan: {exc}") from None
     state = blob["state_dict"]
+    # give the skeletons real (uninitialised) storage, then copy values in place: unlike
+    # assign=True, this keeps tied parameters tied
+    for module in base.modules():
+        if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
     try:
-        base.load_state_dict(state, strict=True, assign=True)
+        base.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "mismatch"
         raise SaveLoadError(f"{path}: weights do not fit the model: {first}") from None

@@ -122,9 +122,10 @@ def resolve_plan(
         module = _lookup(model, name, candidates)
         method = registry.get(lp.method)
         method.check_applies(module, name)
+        options = method.check_options(lp.options, name)
         shape = (input_shapes or {}).get(name)
         rank = method.resolve_rank(module, lp.rank, shape, name=name)
-        out.append(ResolvedLayer(name, module, method, rank, dict(lp.options), shape))
+        out.append(ResolvedLayer(name, module, method, rank, options, shape))
     return out
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tests check behaviour, not speed; one thread avoids oversubscription
 
 
 @pytest.fixture(autouse=True)

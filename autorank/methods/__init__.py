@@ -96,16 +96,13 @@ def for_layer(module: nn.Module) -> dict[str, Optional[str]]:
 
 
 def _register_builtins() -> None:
+    from autorank.methods.cp import CP
     from autorank.methods.spatial_svd import SpatialSVD
     from autorank.methods.svd import SVD
+    from autorank.methods.tucker2 import Tucker2
 
     register(SVD, aliases=("channel-svd", "lowrank"))
     register(SpatialSVD, aliases=("spatialsvd", "jaderberg"))
-    try:  # TEMPORARY-BOOTSTRAP
-        from autorank.methods.cp import CP
-        from autorank.methods.tucker2 import Tucker2
-    except ModuleNotFoundError:
-        return
     register(Tucker2, aliases=("tucker", "tucker-2"))
     register(CP, aliases=("cp-als", "parafac"))
 

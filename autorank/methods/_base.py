@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from autorank.errors import NotApplicableError, RankError
+from autorank.errors import NotApplicableError, PlanError, RankError
 from autorank.methods._layers import (
     Cost,
     Decomposed,
@@ -117,6 +117,10 @@ class BaseMethod:
     reference: ClassVar[str] = ""
     #: bumped when factorize() changes, so that stale disk-cache entries are not reused
     cache_version: ClassVar[int] = 1
+    #: the rank's form, short (for tables); every method also takes a fraction ρ in (0, 1]
+    rank_format: ClassVar[str] = "r"
+    #: options a plan entry may give this method, with their help text
+    options_help: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ applicability
     def applies(self, module: nn.Module) -> Optional[str]:
@@ -124,12 +128,16 @@ class BaseMethod:
         kind = layer_kind(module)
         if kind is None:
             return f"{type(module).__name__} is not a layer type autorank decomposes"
-        if kind not in self.layer_kinds:
-            return f"{self.name} does not apply to {_KIND_NAMES[kind]} (only {', '.join(_KIND_NAMES[k] for k in self.layer_kinds)})"
         try:
             spec = layer_spec(module)
         except ValueError as exc:
             return str(exc)
+        return self.applies_spec(spec)
+
+    def applies_spec(self, spec: LayerSpec) -> Optional[str]:
+        """Like :meth:`applies`, from the layer's description alone."""
+        if spec.kind not in self.layer_kinds:
+            return f"{self.name} does not apply to {_KIND_NAMES[spec.kind]} (only {', '.join(_KIND_NAMES[k] for k in self.layer_kinds)})"
         return self._applies(spec)
 
     def _applies(self, spec: LayerSpec) -> Optional[str]:
@@ -255,9 +263,10 @@ class BaseMethod:
     ) -> Factors:
         """Factorize the layer's weight. ``rank`` is used only by non-nested methods."""
         spec = self.check_applies(module)
+        options = self.check_options(options)
         if not self.nested and rank is None:
             raise ValueError(f"method {self.name!r} is not nested: factorize() needs a rank")
-        return self._factorize(module, spec, stats, rank, dict(options or {}))
+        return self._factorize(module, spec, stats, rank, options)
 
     def _factorize(self, module, spec: LayerSpec, stats, rank, options: dict) -> Factors:
         raise NotImplementedError
@@ -274,6 +283,25 @@ class BaseMethod:
     def _build(self, spec, factors, rank, options, bias, device, dtype) -> list[nn.Module]:
         raise NotImplementedError
 
+    def check_options(self, options: Optional[dict], name: str = "") -> dict:
+        """Validate a plan entry's options; PlanError names the option and the layer."""
+        options = dict(options or {})
+        where = f"layer {name!r}, " if name else ""
+        unknown = sorted(set(options) - set(self.options_help))
+        if unknown:
+            known = ", ".join(sorted(self.options_help)) or "none"
+            raise PlanError(f"{where}method {self.name!r}: unknown option(s) {unknown}; known options: {known}")
+        try:
+            self._check_options(options)
+        except (TypeError, ValueError) as exc:
+            msg = str(exc)
+            prefix = f"method {self.name!r}: "
+            raise PlanError(f"{where}{prefix}{msg[len(prefix):] if msg.startswith(prefix) else msg}") from None
+        return options
+
+    def _check_options(self, options: dict) -> None:
+        """Raise ValueError for an option value this method cannot use."""
+
     def options_key(self, options: Optional[dict]) -> dict:
         """The options that change what factorize() returns (part of the cache key)."""
         return {}
@@ -284,6 +312,8 @@ class BaseMethod:
             "layers": [_KIND_NAMES[k] for k in self.layer_kinds],
             "structure": self.structure,
             "rank": self.rank_help(),
+            "rank_format": self.rank_format,
+            "options": dict(self.options_help),
             "nested": self.nested,
             "data_aware": self.data_aware,
             "reference": self.reference,

@@ -221,7 +221,7 @@ def make_conv(
     device=None,
     dtype=None,
 ) -> nn.Conv2d:
-    """An ``nn.Conv2d`` whose parameters are the given tensors (no random init is spent).
+    """An ``nn.Conv2d`` whose parameters are copies of the given tensors (no random init is spent).
 
     With ``weight=None`` the parameters stay on the meta device: a skeleton to be
     filled by ``load_state_dict(..., assign=True)``.
@@ -235,10 +235,10 @@ def make_conv(
         expected = (out_ch, in_ch // groups, kernel[0], kernel[1])
         if tuple(weight.shape) != expected:
             raise RuntimeError(f"internal: conv weight shape {tuple(weight.shape)} != {expected}")
-        conv.weight = nn.Parameter(weight.to(device=device, dtype=dtype).contiguous())
+        conv.weight = nn.Parameter(weight.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True))
         if has_bias:
             b = bias if bias is not None else torch.zeros(out_ch)
-            conv.bias = nn.Parameter(b.to(device=device, dtype=dtype).contiguous())
+            conv.bias = nn.Parameter(b.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True))
     return conv
 
 
@@ -258,10 +258,10 @@ def make_linear(
     if weight is not None:
         if tuple(weight.shape) != (n_out, n_in):
             raise RuntimeError(f"internal: linear weight shape {tuple(weight.shape)} != {(n_out, n_in)}")
-        lin.weight = nn.Parameter(weight.to(device=device, dtype=dtype).contiguous())
+        lin.weight = nn.Parameter(weight.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True))
         if has_bias:
             b = bias if bias is not None else torch.zeros(n_out)
-            lin.bias = nn.Parameter(b.to(device=device, dtype=dtype).contiguous())
+            lin.bias = nn.Parameter(b.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True))
     return lin
 
 

@@ -77,6 +77,12 @@ class SpatialSVD(BaseMethod):
         flops = conv_flops(b, g * r, spec.in_per_group, kh, 1, oh, w) + conv_flops(b, spec.out_channels, r, 1, kw, oh, ow)
         return Cost(params, flops)
 
+    options_help = {"data_aware": "use calibration statistics when given (true/false, default true)"}
+
+    def _check_options(self, options: dict) -> None:
+        if not isinstance(options.get("data_aware", True), bool):
+            raise ValueError(f"option data_aware must be true or false, got {options['data_aware']!r}")
+
     def options_key(self, options: Optional[dict]) -> dict:
         return {"data_aware": bool((options or {}).get("data_aware", True))}
 

@@ -88,6 +88,12 @@ class SVD(BaseMethod):
         return Cost(params, flops)
 
     # ------------------------------------------------------------------ factorize / build
+    options_help = {"data_aware": "use calibration statistics when given (true/false, default true)"}
+
+    def _check_options(self, options: dict) -> None:
+        if not isinstance(options.get("data_aware", True), bool):
+            raise ValueError(f"option data_aware must be true or false, got {options['data_aware']!r}")
+
     def options_key(self, options: Optional[dict]) -> dict:
         return {"data_aware": bool((options or {}).get("data_aware", True))}
 

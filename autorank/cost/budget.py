@@ -1,0 +1,167 @@
+"""Budgets as users type them: ``30%flops``, ``flops<=1.2G``, ``latency<=4ms``, combinations.
+
+Forms (case-insensitive, spaces ignored, comma-separated to combine; all must hold):
+
+- ``P%flops``, ``P%params``, ``P%latency``: at most P percent of the original model's;
+- ``flops<=N``, ``params<=N`` with an optional suffix k, M, G, T (powers of 1000);
+- ``latency<=T`` with a unit us, ms or s.
+
+FLOPs follow fvcore's convention: one multiply-add is one FLOP.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from autorank.errors import AutorankError
+
+__all__ = ["Budget", "Constraint", "BudgetError", "parse_budget"]
+
+METRICS = ("flops", "params", "latency")
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_TIME = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+
+EXPECTED = (
+    "expected forms like 30%flops, 50%params, 60%latency, flops<=1.2G, params<=5M or latency<=4ms "
+    "(comma-separated to combine)"
+)
+
+
+class BudgetError(AutorankError, ValueError):
+    """A budget that cannot be parsed, or that no plan can meet."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``metric`` at most ``value``: a fraction of the original (relative) or an absolute amount.
+
+    Absolute latency is in seconds; absolute FLOPs and params are counts.
+    """
+
+    metric: str
+    value: float
+    relative: bool
+
+    def limit(self, original: float) -> float:
+        """The absolute limit, given the original model's value of the metric."""
+        return self.value * original if self.relative else self.value
+
+    def describe(self) -> str:
+        what = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}[self.metric]
+        if self.relative:
+            return f"at most {self.value * 100:g}% of the original model's {what}"
+        if self.metric == "latency":
+            return f"a latency of at most {_format_time(self.value)}"
+        return f"at most {_format_count(self.value)} {what}"
+
+    def text(self) -> str:
+        if self.relative:
+            return f"{self.value * 100:g}%{self.metric}"
+        if self.metric == "latency":
+            return f"latency<={_format_time(self.value).replace(' ', '')}"
+        return f"{self.metric}<={_format_count(self.value)}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """All constraints must hold."""
+
+    constraints: tuple[Constraint, ...]
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.metric for c in self.constraints))
+
+    @property
+    def needs_latency(self) -> bool:
+        return "latency" in self.metrics
+
+    def describe(self) -> str:
+        """In words, so that no one misreads ``30%flops`` as "remove 30%"."""
+        parts = [c.describe() for c in self.constraints]
+        text = "the compressed model may use " + " and ".join(parts)
+        if "flops" in self.metrics:
+            text += " (FLOPs: fvcore convention, one multiply-add = one FLOP)"
+        return text
+
+    def limits(self, original: dict[str, float]) -> dict[str, float]:
+        """Absolute limit per metric (the tightest when a metric appears twice)."""
+        out: dict[str, float] = {}
+        for c in self.constraints:
+            if c.metric not in original or original[c.metric] is None:
+                raise BudgetError(f"budget {c.text()!r} needs the original model's {c.metric}, which is unknown")
+            lim = c.limit(float(original[c.metric]))
+            out[c.metric] = min(out.get(c.metric, float("inf")), lim)
+        return out
+
+    def satisfied(self, cost: dict[str, float], original: dict[str, float]) -> bool:
+        return all(cost[m] <= lim for m, lim in self.limits(original).items())
+
+    def violation(self, cost: dict[str, float], original: dict[str, float]) -> float:
+        """Largest relative excess over a limit (<= 0 when the budget holds): Optuna's constraint value."""
+        return max((cost[m] - lim) / lim if lim > 0 else cost[m] for m, lim in self.limits(original).items())
+
+    def text(self) -> str:
+        return ",".join(c.text() for c in self.constraints)
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+_REL = re.compile(r"^(?P<num>\d+(?:\.\d*)?|\.\d+)%(?P<metric>[a-z]+)$")
+_ABS = re.compile(r"^(?P<metric>[a-z]+)<=?(?P<num>\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+)(?P<unit>[a-zµ]*)$")
+
+
+def _parse_one(part: str, full: str) -> Constraint:
+    p = part.strip().lower().replace(" ", "")
+    m = _REL.match(p)
+    if m:
+        metric = m["metric"]
+        if metric not in METRICS:
+            raise BudgetError(f"budget {full!r}: unknown metric {metric!r} in {part.strip()!r}; {EXPECTED}")
+        pct = float(m["num"])
+        if not 0 < pct <= 100:
+            raise BudgetError(f"budget {full!r}: {part.strip()!r} must be a percentage in (0, 100]")
+        return Constraint(metric, pct / 100.0, True)
+    m = _ABS.match(p)
+    if m:
+        metric, num, unit = m["metric"], float(m["num"]), m["unit"]
+        if metric not in METRICS:
+            raise BudgetError(f"budget {full!r}: unknown metric {metric!r} in {part.strip()!r}; {EXPECTED}")
+        if num <= 0:
+            raise BudgetError(f"budget {full!r}: {part.strip()!r} must be positive")
+        if metric == "latency":
+            if unit not in _TIME:
+                raise BudgetError(f"budget {full!r}: latency needs a unit (us, ms or s), got {part.strip()!r}")
+            return Constraint("latency", num * _TIME[unit], False)
+        if unit not in _SUFFIX:
+            raise BudgetError(f"budget {full!r}: unknown suffix {unit!r} in {part.strip()!r} (use k, M, G or T)")
+        return Constraint(metric, num * _SUFFIX[unit], False)
+    raise BudgetError(f"budget {full!r}: cannot read {part.strip()!r}; {EXPECTED}")
+
+
+def parse_budget(text: Optional[str]) -> Budget:
+    """Parse a budget string; BudgetError says what was expected."""
+    if text is None or not str(text).strip():
+        raise BudgetError(f"empty budget; {EXPECTED}")
+    parts = [p for p in str(text).split(",")]
+    if any(not p.strip() for p in parts):
+        raise BudgetError(f"budget {text!r}: empty part between commas; {EXPECTED}")
+    return Budget(tuple(_parse_one(p, str(text)) for p in parts))
+
+
+def _format_count(n: float) -> str:
+    for suffix, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:g}{suffix}"
+    return f"{n:g}"
+
+
+def _format_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:g} ms"
+    return f"{s * 1e6:g} us"

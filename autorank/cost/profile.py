@@ -1,0 +1,179 @@
+"""The profile of a model: its decomposable layers, their shapes and costs; analytic plan costs.
+
+:func:`profile_model` runs the model once on an example input (hooks record each
+layer's input shape) and counts the whole model with fvcore. From then on,
+:meth:`ModelProfile.estimate` gives the exact FLOPs and parameters of any plan
+with no tracing: the base counts, minus the replaced layers, plus the methods'
+formulas. It equals fvcore's count of the decomposed model (tests check it) and
+is memoised per (layer, method, rank), so that a search can check and repair
+thousands of plans cheaply.
+
+FLOPs follow fvcore's convention: one multiply-add is one FLOP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from autorank import methods as registry
+from autorank.calibration import record_input_shapes
+from autorank.cost.flops import count_flops, count_params
+from autorank.errors import NotApplicableError, RankError, UnknownLayerError
+from autorank.methods._base import Rank, dense_cost
+from autorank.methods._layers import Cost, LayerSpec, layer_spec
+from autorank.plan import LayerPlan, Plan
+
+__all__ = ["LayerProfile", "ModelProfile", "profile_model"]
+
+
+@dataclass
+class LayerProfile:
+    """One candidate layer: shape, dense cost on its real input, methods that apply (or why not)."""
+
+    name: str
+    type: str
+    spec: LayerSpec
+    input_shape: tuple[int, ...]
+    dense: Cost
+    reasons: dict[str, Optional[str]]
+    excluded: Optional[str] = None
+    latency: Optional[float] = None  # seconds, median, when measured
+
+    def applicable(self) -> list[str]:
+        if self.excluded:
+            return []
+        return [m for m, why in self.reasons.items() if why is None]
+
+    def break_even(self, method: str) -> Optional[Rank]:
+        """The largest rank whose replacement costs no more FLOPs than the dense layer (None: never cheaper)."""
+        m = registry.get(method)
+        path = m.rank_path(self.spec)
+        if m.cost(self.spec, path[0], self.input_shape).flops > self.dense.flops:
+            return None
+        return m.rank_for(self.spec, 1.0, self.input_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "name": self.name,
+            "type": self.type,
+            "shape": self.spec.describe(),
+            "input_shape": list(self.input_shape),
+            "flops": self.dense.flops,
+            "params": self.dense.params,
+            "latency_s": self.latency,
+            "excluded": self.excluded,
+            "methods": {},
+        }
+        for m, why in self.reasons.items():
+            if why is None and not self.excluded:
+                be = self.break_even(m)
+                out["methods"][m] = {"applies": True, "break_even_rank": list(be) if isinstance(be, tuple) else be}
+            else:
+                out["methods"][m] = {"applies": False, "reason": self.excluded or why}
+        return out
+
+
+@dataclass
+class ModelProfile:
+    """Whole-model counts on one input shape, and the candidate layers."""
+
+    input_shape: tuple[int, ...]
+    flops: int
+    params: int
+    layers: dict[str, LayerProfile]
+    latency: Optional[float] = None
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def total(self) -> Cost:
+        return Cost(self.params, self.flops)
+
+    def _delta(self, name: str, method: str, rank: Any) -> tuple[int, int, Rank]:
+        key = (name, method, rank if not isinstance(rank, list) else tuple(rank))
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        lp = self.layers.get(name)
+        if lp is None:
+            raise UnknownLayerError(f"unknown layer {name!r}: not a decomposable layer of the profiled model")
+        if lp.excluded:
+            raise NotApplicableError(f"layer {name!r} cannot be decomposed: {lp.excluded}")
+        m = registry.get(method)
+        why = lp.reasons[m.name] if m.name in lp.reasons else m.applies_spec(lp.spec)
+        if why is not None:
+            raise NotApplicableError(f"layer {name!r}: method {m.name!r} does not apply: {why}")
+        if isinstance(rank, str):
+            raise RankError(f"layer {name!r}: rank {rank!r} needs the layer's weights; resolve the plan against the model first")
+        concrete = m.resolve_rank(lp.spec, rank, lp.input_shape, name=name)
+        c = m.cost(lp.spec, concrete, lp.input_shape)
+        out = (c.params - lp.dense.params, c.flops - lp.dense.flops, concrete)
+        self._memo[key] = out
+        return out
+
+    def estimate(self, plan: Union[Plan, dict]) -> Cost:
+        """Exact parameters and FLOPs of the model decomposed by ``plan`` (no tracing).
+
+        ``plan``: a Plan, or a plain ``{name: (method, rank)}`` mapping (fastest).
+        """
+        params, flops = self.params, self.flops
+        items = plan.layers.items() if isinstance(plan, Plan) else plan.items()
+        for name, entry in items:
+            if isinstance(entry, LayerPlan):
+                method, rank = entry.method, entry.rank
+            else:
+                method, rank = entry
+            if method == "none":
+                continue
+            dp, df, _ = self._delta(name, method, rank)
+            params += dp
+            flops += df
+        return Cost(params, flops)
+
+    def concrete_rank(self, name: str, method: str, rank: Any) -> Rank:
+        return self._delta(name, method, rank)[2]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_shape": list(self.input_shape),
+            "flops": self.flops,
+            "params": self.params,
+            "latency_s": self.latency,
+            "flops_convention": "fvcore: one multiply-add = one FLOP",
+            "layers": [lp.to_dict() for lp in self.layers.values()],
+        }
+
+
+def profile_model(model: nn.Module, example_inputs: Any) -> ModelProfile:
+    """Profile ``model`` on ``example_inputs`` (a tensor or a tuple of tensors)."""
+    from autorank.surgery import candidate_layers
+
+    cands = candidate_layers(model)
+    if not cands:
+        raise NotApplicableError(f"{type(model).__name__} has no layer autorank can decompose (Linear, Conv1D, Conv2d)")
+    shapes = record_input_shapes(model, example_inputs, list(cands))
+    layers: dict[str, LayerProfile] = {}
+    for name, (module, reason) in cands.items():
+        if name not in shapes:
+            reason = reason or "not called in the forward pass on the example input"
+        spec = layer_spec(module)
+        shape = shapes.get(name) or ()
+        dense = dense_cost(spec, shape) if shape else Cost(sum(p.numel() for p in module.parameters(recurse=False)), 0)
+        layers[name] = LayerProfile(
+            name=name,
+            type=type(module).__name__,
+            spec=spec,
+            input_shape=tuple(shape),
+            dense=dense,
+            reasons=registry.for_layer(module),
+            excluded=reason,
+        )
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return ModelProfile(
+        input_shape=tuple(inputs[0].shape),
+        flops=count_flops(model, inputs),
+        params=count_params(model),
+        layers=layers,
+    )
