@@ -245,10 +245,104 @@ def cmd_decompose(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    """One row per candidate layer: shape, FLOPs, params, latency, methods and break-even ranks."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from autorank.cost.budget import check_reachable, parse_budget, smallest_reachable
+    from autorank.cost.profile import profile_model
+
+    budget = parse_budget(args.budget) if args.budget else None
+    model, x = _load_model_and_input(args)
+    if x is None:
+        raise CLIError(f"model {args.model!r} is not built in: give its input shape with --input, e.g. 1x3x224x224")
+    if args.batch_size:
+        x = x.expand((args.batch_size,) + tuple(x.shape[1:])).contiguous()
+    prof = profile_model(model, x)
+    if not any(lp.applicable() for lp in prof.layers.values()):
+        raise PlanError(f"model {args.model!r} has no layer any method can decompose")
+    err = _console(stderr=True)
+    if not args.no_latency:
+        from autorank.cost.latency import measure
+
+        with err.status(f"measuring latency on {args.device} ...", spinner="dots") if not args.json else _nullcontext():
+            named = dict(model.named_modules())
+            base = measure(model, x, device=args.device, threads=args.threads)
+            prof.latency = base.median
+            for name, lp in prof.layers.items():
+                if lp.input_shape:
+                    lp.latency = measure(named[name], _example(x, lp.input_shape), device=args.device,
+                                         threads=args.threads).median
+        device_text = base.device
+        threads = base.threads
+    data = prof.to_dict()
+    data["model"] = args.model
+    if not args.no_latency:
+        data["device"], data["threads"] = device_text, threads
+    if budget is not None:
+        data["budget"] = {"text": budget.text(), "words": budget.describe(), "smallest_reachable": smallest_reachable(prof)}
+        check_reachable(budget, prof, latency=prof.latency)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    table = Table(title=f"profile of {escape(args.model)} on input {tuple(x.shape)}", show_lines=False)
+    for col, just in (("layer", "left"), ("type", "left"), ("shape", "left"), ("FLOPs", "right"), ("params", "right"),
+                      ("latency", "right"), ("methods (break-even rank)", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    for lp in prof.layers.values():
+        d = lp.to_dict()
+        if lp.excluded:
+            methods_text = f"excluded: {lp.excluded}"
+        else:
+            parts = []
+            for m, info in d["methods"].items():
+                if info["applies"]:
+                    be = info["break_even_rank"]
+                    parts.append(f"{m} (≤{be})" if be is not None else f"{m} (never cheaper)")
+            reasons = sorted({info["reason"] for info in d["methods"].values() if not info["applies"]})
+            methods_text = ", ".join(parts) or ("none: " + "; ".join(reasons))
+        table.add_row(escape(lp.name), lp.type, lp.spec.describe(), _human(lp.dense.flops), _human(lp.dense.params),
+                      _ms(lp.latency), escape(methods_text))
+    table.add_section()
+    table.add_row("[bold]total (model)[/bold]", "", "", _human(prof.flops), _human(prof.params), _ms(prof.latency), "")
+    console = _console()
+    console.print(table)
+    console.print("FLOPs: fvcore convention, one multiply-add = one FLOP. Break-even rank: above it the "
+                  "decomposition costs more FLOPs than the dense layer.")
+    if not args.no_latency:
+        console.print(f"latency: median on {escape(device_text)}, {threads} thread(s), batch {x.shape[0]}")
+    if budget is not None:
+        reach = data["budget"]["smallest_reachable"]
+        console.print(f"budget {budget.text()}: {budget.describe()}; smallest reachable: "
+                      f"{100 * reach['flops'] / prof.flops:.1f}% FLOPs, {100 * reach['params'] / prof.params:.1f}% params")
+    return 0
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _example(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=g, dtype=x.dtype if x.is_floating_point() else torch.float32)
+
+
+def _ms(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 # ---------------------------------------------------------------------- parser
 EPILOG_MAIN = """examples:
   autorank methods
   autorank plan --model demo
+  autorank profile --model demo
   autorank decompose --model demo --method tucker2 --rank 0.5 -o demo-small.pt
   autorank decompose --model mypkg.models:build --plan plan.json --input 1x3x224x224 -o small.pt
 """
@@ -292,6 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", metavar="FILE", help="write the plan here (default: print it)")
     pl.add_argument("--force", action="store_true", help="overwrite an existing output file")
     pl.set_defaults(func=cmd_plan)
+
+    pr = sub.add_parser("profile", help="per-layer FLOPs, params, latency, applicable methods and break-even ranks",
+                        epilog="examples:\n  autorank profile\n  autorank profile --model mymodel.py:build --input 1x3x224x224 --json\n"
+                               "  autorank profile --model resnet50 --no-latency --budget 30%%flops",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(pr)
+    pr.add_argument("--device", default="cpu", help="where to measure latency: cpu, cuda, cuda:N (default cpu)")
+    pr.add_argument("--batch-size", type=int, help="batch size for the measurement (default: the input's)")
+    pr.add_argument("--threads", type=int, help="CPU threads during measurement (default: torch's current setting)")
+    pr.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    pr.add_argument("--budget", help="also check a budget, e.g. 30%%flops or flops<=1.2G,latency<=4ms")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.set_defaults(func=cmd_profile)
 
     d = sub.add_parser("decompose", help="decompose a model by a plan and save it",
                        epilog=EPILOG_MAIN.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)

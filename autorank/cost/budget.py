@@ -155,8 +155,8 @@ def parse_budget(text: Optional[str]) -> Budget:
 def _format_count(n: float) -> str:
     for suffix, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= div:
-            return f"{n / div:g}{suffix}"
-    return f"{n:g}"
+            return f"{n / div:.4g}{suffix}"
+    return f"{n:.4g}"
 
 
 def _format_time(s: float) -> str:
@@ -165,3 +165,50 @@ def _format_time(s: float) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:g} ms"
     return f"{s * 1e6:g} us"
+
+
+def smallest_reachable(profile, methods: Optional[list[str]] = None) -> dict[str, int]:
+    """The smallest FLOPs and parameters any plan can reach: each layer at its cheapest option.
+
+    ``methods``: the methods the search may use (default: all registered); a
+    layer may also stay dense. Per metric, independently (a lower bound for both).
+    """
+    from autorank import methods as registry
+
+    allowed = set(registry.available() if methods is None else [registry.normalize_name(m) for m in methods])
+    flops, params = profile.flops, profile.params
+    for lp in profile.layers.values():
+        best_f, best_p = 0, 0
+        for name in lp.applicable():
+            if name not in allowed:
+                continue
+            m = registry.get(name)
+            smallest = m.rank_path(lp.spec)[0]
+            c = m.cost(lp.spec, smallest, lp.input_shape)
+            best_f = min(best_f, c.flops - lp.dense.flops)
+            best_p = min(best_p, c.params - lp.dense.params)
+        flops += best_f
+        params += best_p
+    return {"flops": flops, "params": params}
+
+
+def check_reachable(budget: Budget, profile, methods: Optional[list[str]] = None, latency: Optional[float] = None) -> None:
+    """Refuse, before any search, a FLOPs or params budget that no plan can meet.
+
+    Latency budgets are checked by the search against measured tables; here only
+    their original value is needed (``latency``) to turn a percentage into seconds.
+    """
+    original = {"flops": profile.flops, "params": profile.params, "latency": latency}
+    reach = smallest_reachable(profile, methods)
+    for c in budget.constraints:
+        if c.metric not in ("flops", "params"):
+            continue
+        limit = c.limit(float(original[c.metric]))
+        if reach[c.metric] > limit:
+            pct = 100.0 * reach[c.metric] / original[c.metric]
+            what = "FLOPs" if c.metric == "flops" else "parameters"
+            raise BudgetError(
+                f"budget {c.text()!r} cannot be met: the smallest plan reaches {_format_count(reach[c.metric])} {what} "
+                f"({pct:.1f}% of the original {_format_count(original[c.metric])}); layers that no method applies to, "
+                f"and everything that is not a layer, keep their cost"
+            )

@@ -13,6 +13,7 @@ FLOPs follow fvcore's convention: one multiply-add is one FLOP.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -107,11 +108,22 @@ class ModelProfile:
             raise NotApplicableError(f"layer {name!r}: method {m.name!r} does not apply: {why}")
         if isinstance(rank, str):
             raise RankError(f"layer {name!r}: rank {rank!r} needs the layer's weights; resolve the plan against the model first")
-        concrete = m.resolve_rank(lp.spec, rank, lp.input_shape, name=name)
-        c = m.cost(lp.spec, concrete, lp.input_shape)
+        if isinstance(rank, float) and 0.0 < rank <= 1.0:
+            concrete, c = self._path(name, m).for_fraction(rank, lp.dense.flops)
+        else:
+            concrete = m.resolve_rank(lp.spec, rank, lp.input_shape, name=name)
+            c = m.cost(lp.spec, concrete, lp.input_shape)
         out = (c.params - lp.dense.params, c.flops - lp.dense.flops, concrete)
         self._memo[key] = out
         return out
+
+    def _path(self, name: str, method) -> "_RankPath":
+        key = ("path", name, method.name)
+        path = self._memo.get(key)
+        if path is None:
+            lp = self.layers[name]
+            path = self._memo[key] = _RankPath(method, lp.spec, lp.input_shape)
+        return path
 
     def estimate(self, plan: Union[Plan, dict]) -> Cost:
         """Exact parameters and FLOPs of the model decomposed by ``plan`` (no tracing).
@@ -144,6 +156,44 @@ class ModelProfile:
             "flops_convention": "fvcore: one multiply-add = one FLOP",
             "layers": [lp.to_dict() for lp in self.layers.values()],
         }
+
+
+class _RankPath:
+    """Costs along one method's rank path for one layer, for O(1) / O(log n) fraction-to-rank.
+
+    Gives the same rank as ``method.rank_for`` (the largest rank within the FLOPs
+    fraction, never below the smallest), without re-running its search for every ρ.
+    Single ranks whose costs are affine in the rank (every method here; checked
+    at both ends) use the closed form; others keep the costs along the path.
+    """
+
+    def __init__(self, method, spec: LayerSpec, input_shape: tuple[int, ...]):
+        self.method, self.spec, self.shape = method, spec, input_shape
+        mx = method.max_rank(spec)
+        self.affine = None
+        if isinstance(mx, int):
+            c1, c2, cn = (method.cost(spec, r, input_shape) for r in (1, min(2, mx), mx))
+            fs, ps = c2.flops - c1.flops, c2.params - c1.params
+            if mx == 1 or (cn.flops == c1.flops + (mx - 1) * fs and cn.params == c1.params + (mx - 1) * ps and fs > 0):
+                self.affine = (c1.flops, fs, c1.params, ps, mx)
+        if self.affine is None:
+            self.ranks = method.rank_path(spec)
+            costs = [method.cost(spec, r, input_shape) for r in self.ranks]
+            self.flops = [c.flops for c in costs]
+            self.costs = costs
+
+    def for_fraction(self, rho: float, dense_flops: int) -> tuple[Rank, Cost]:
+        target = rho * dense_flops
+        if self.affine is not None:
+            f1, fs, p1, ps, mx = self.affine
+            r = 1 if (fs <= 0 or f1 > target) else min(mx, 1 + int((target - f1) // fs))
+            while r > 1 and f1 + (r - 1) * fs > target:  # guard against float rounding of the division
+                r -= 1
+            while r < mx and f1 + r * fs <= target:
+                r += 1
+            return r, Cost(p1 + (r - 1) * ps, f1 + (r - 1) * fs)
+        i = max(0, bisect.bisect_right(self.flops, target) - 1)
+        return self.ranks[i], self.costs[i]
 
 
 def profile_model(model: nn.Module, example_inputs: Any) -> ModelProfile:

@@ -216,18 +216,32 @@ class BaseMethod:
         spec = module_or_spec if isinstance(module_or_spec, LayerSpec) else layer_spec(module_or_spec)
         shape = tuple(input_shape) if input_shape is not None else nominal_input_shape(spec)
         target = rho * dense_cost(spec, shape).flops
-        candidates = self.rank_path(spec)
-        # FLOPs grow along the path: binary search the last candidate within target
-        lo, hi = 0, len(candidates) - 1
-        if self._cost(spec, candidates[0], shape).flops > target:
-            return candidates[0]
+        mx = self.max_rank(spec)
+        n = mx if isinstance(mx, int) else max(mx)
+
+        def rank_at(i: int) -> Rank:  # the i-th step of rank_path(), without building the path
+            return i if isinstance(mx, int) else tuple(max(1, round(m * i / n)) for m in mx)
+
+        def flops(i: int) -> int:
+            return self._cost(spec, rank_at(i), shape).flops
+
+        if flops(1) > target:
+            return rank_at(1)
+        if isinstance(mx, int) and n > 2:
+            # a single rank's FLOPs are affine in it for every method here: try the exact solution first
+            f1, f2 = flops(1), flops(2)
+            if f2 > f1:
+                guess = min(n, max(1, 1 + int((target - f1) // (f2 - f1))))
+                if flops(guess) <= target and (guess == n or flops(guess + 1) > target):
+                    return guess
+        lo, hi = 1, n  # FLOPs grow along the path: the last step within the target
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self._cost(spec, candidates[mid], shape).flops <= target:
+            if flops(mid) <= target:
                 lo = mid
             else:
                 hi = mid - 1
-        return candidates[lo]
+        return rank_at(lo)
 
     def rank_path(self, spec: LayerSpec) -> list[Rank]:
         """Ranks from smallest to largest along which ρ is mapped (cost grows along it)."""
