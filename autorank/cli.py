@@ -150,7 +150,8 @@ def _make_plan(args, model):
         return Plan.load(args.plan)
     if not args.method or args.rank is None:
         raise CLIError("give a plan: --plan plan.json, or --method NAME --rank R for every eligible layer")
-    plan = Plan.uniform(model, args.method, parse_rank(args.rank), include=args.include, exclude=args.exclude)
+    options = {"align": args.align} if getattr(args, "align", None) else None
+    plan = Plan.uniform(model, args.method, parse_rank(args.rank), include=args.include, exclude=args.exclude, options=options)
     if not plan.layers:
         raise PlanError(f"no layer of model {args.model!r} can be decomposed with {args.method!r} (see `autorank plan --model {args.model}`)")
     return plan
@@ -377,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--rank", help="with --method: int rank, 'r1,r2', or fraction of FLOPs kept in (0, 1], e.g. 0.5")
         sp.add_argument("--include", metavar="REGEX", help="with --method: only layers whose name matches")
         sp.add_argument("--exclude", metavar="REGEX", help="with --method: skip layers whose name matches")
+        sp.add_argument("--align", type=int, metavar="N", help="with a fractional --rank: round ranks down to multiples of N (8 or 16 for GPUs)")
 
     pl = sub.add_parser("plan", help="list decomposable layers, or write a uniform plan to edit",
                         epilog="examples:\n  autorank plan --model demo\n  autorank plan --model demo --method svd --rank 0.5 -o plan.json",

@@ -22,7 +22,7 @@ from autorank import methods as registry
 from autorank.cache import FactorCache, default_cache
 from autorank.calibration import Calibration, collect, record_input_shapes
 from autorank.errors import NotApplicableError, UnknownLayerError
-from autorank.methods._base import BaseMethod, Rank
+from autorank.methods._base import BaseMethod, Rank, align_rank
 from autorank.methods._layers import Decomposed, layer_kind
 from autorank.plan import LayerPlan, Plan
 
@@ -125,6 +125,8 @@ def resolve_plan(
         options = method.check_options(lp.options, name)
         shape = (input_shapes or {}).get(name)
         rank = method.resolve_rank(module, lp.rank, shape, name=name)
+        if isinstance(lp.rank, float) and options.get("align"):
+            rank = align_rank(rank, options["align"], method.max_rank(registry.layer_spec(module)))
         out.append(ResolvedLayer(name, module, method, rank, options, shape))
     return out
 

@@ -205,3 +205,28 @@ def test_profile_cli_bad_input(tmp_path, args, needle):
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
+
+
+def test_rank_alignment_rounds_fraction_ranks_down_to_multiples():
+    model = SmallResNetish()
+    x = torch.randn(1, 3, 32, 32)
+    prof = profile_model(model, x)
+    plan = autorank.Plan.from_dict({"layers": {
+        "fc1": {"method": "svd", "rank": 0.7, "options": {"align": 8}},
+        "a": {"method": "tucker2", "rank": 0.6, "options": {"align": 8}},
+        "pw": {"method": "svd", "rank": 5},                      # explicit ranks are kept as given
+    }})
+    small = autorank.decompose(model, plan, example_inputs=x)
+    assert small.fc1.rank % 8 == 0 and all(r % 8 == 0 for r in small.a.rank) and small.pw.rank == 5
+    unaligned = autorank.decompose(model, {"layers": {"fc1": {"method": "svd", "rank": 0.7}}}, example_inputs=x)
+    assert small.fc1.rank <= unaligned.fc1.rank  # rounding down keeps the FLOPs fraction
+    assert prof.estimate(plan).flops == count_flops(small, x)
+    with pytest.raises(autorank.AutorankError, match="align"):
+        autorank.decompose(model, {"layers": {"fc1": {"method": "svd", "rank": 0.7, "options": {"align": 0}}}})
+
+
+def test_align_rank_never_below_multiple_nor_above_max():
+    from autorank.methods._base import align_rank
+
+    assert align_rank(37, 8) == 32 and align_rank(5, 8) == 8 and align_rank(5, 8, max_rank=6) == 6
+    assert align_rank((17, 40), 16, (20, 48)) == (16, 32) and align_rank(9, 1) == 9

@@ -23,7 +23,7 @@ from autorank import methods as registry
 from autorank.calibration import record_input_shapes
 from autorank.cost.flops import count_flops, count_params
 from autorank.errors import NotApplicableError, RankError, UnknownLayerError
-from autorank.methods._base import Rank, dense_cost
+from autorank.methods._base import Rank, align_rank, dense_cost
 from autorank.methods._layers import Cost, LayerSpec, layer_spec
 from autorank.plan import LayerPlan, Plan
 
@@ -92,8 +92,8 @@ class ModelProfile:
     def total(self) -> Cost:
         return Cost(self.params, self.flops)
 
-    def _delta(self, name: str, method: str, rank: Any) -> tuple[int, int, Rank]:
-        key = (name, method, rank if not isinstance(rank, list) else tuple(rank))
+    def _delta(self, name: str, method: str, rank: Any, align: Optional[int] = None) -> tuple[int, int, Rank]:
+        key = (name, method, rank if not isinstance(rank, list) else tuple(rank), align)
         hit = self._memo.get(key)
         if hit is not None:
             return hit
@@ -110,6 +110,9 @@ class ModelProfile:
             raise RankError(f"layer {name!r}: rank {rank!r} needs the layer's weights; resolve the plan against the model first")
         if isinstance(rank, float) and 0.0 < rank <= 1.0:
             concrete, c = self._path(name, m).for_fraction(rank, lp.dense.flops)
+            if align:
+                concrete = align_rank(concrete, align, m.max_rank(lp.spec))
+                c = m.cost(lp.spec, concrete, lp.input_shape)
         else:
             concrete = m.resolve_rank(lp.spec, rank, lp.input_shape, name=name)
             c = m.cost(lp.spec, concrete, lp.input_shape)
@@ -133,13 +136,14 @@ class ModelProfile:
         params, flops = self.params, self.flops
         items = plan.layers.items() if isinstance(plan, Plan) else plan.items()
         for name, entry in items:
+            align = None
             if isinstance(entry, LayerPlan):
-                method, rank = entry.method, entry.rank
+                method, rank, align = entry.method, entry.rank, entry.options.get("align")
             else:
                 method, rank = entry
             if method == "none":
                 continue
-            dp, df, _ = self._delta(name, method, rank)
+            dp, df, _ = self._delta(name, method, rank, align)
             params += dp
             flops += df
         return Cost(params, flops)

@@ -36,7 +36,7 @@ from autorank.methods._layers import (
     rows_of,
 )
 
-__all__ = ["BaseMethod", "Factors", "Rank", "dense_cost", "LayerStats"]
+__all__ = ["BaseMethod", "Factors", "Rank", "dense_cost", "LayerStats", "align_rank", "COMMON_OPTIONS"]
 
 Rank = Union[int, tuple[int, ...]]
 
@@ -92,6 +92,29 @@ def dense_cost(module_or_spec, input_shape: Optional[Sequence[int]] = None) -> C
     ow = conv_out_size(w, kw, spec.stride[1], spec.padding[1], spec.dilation[1])
     params = spec.out_channels * spec.in_per_group * kh * kw + bias
     return Cost(params, conv_flops(b, spec.out_channels, spec.in_per_group, kh, kw, oh, ow))
+
+
+#: options every method accepts in a plan entry
+COMMON_OPTIONS: dict[str, str] = {
+    "align": "round a rank given as a fraction ρ down to a multiple of this (8 or 16 suit GPUs), never below it",
+}
+
+
+def align_rank(rank: Rank, multiple: int, max_rank: Optional[Rank] = None) -> Rank:
+    """Round ``rank`` (int or tuple) down to a multiple of ``multiple``, never below it nor above ``max_rank``.
+
+    Factorized layers with ranks that are multiples of 8 or 16 map better to GPU
+    kernels; rounding down keeps a FLOPs budget met.
+    """
+    if multiple is None or multiple <= 1:
+        return rank
+    if isinstance(rank, tuple):
+        mx = max_rank if isinstance(max_rank, tuple) else (None,) * len(rank)
+        return tuple(align_rank(r, multiple, m) for r, m in zip(rank, mx))
+    r = max(multiple, (int(rank) // multiple) * multiple)
+    if max_rank is not None:
+        r = min(r, int(max_rank))
+    return r
 
 
 class BaseMethod:
@@ -301,10 +324,13 @@ class BaseMethod:
         """Validate a plan entry's options; PlanError names the option and the layer."""
         options = dict(options or {})
         where = f"layer {name!r}, " if name else ""
-        unknown = sorted(set(options) - set(self.options_help))
+        known = {**COMMON_OPTIONS, **self.options_help}
+        unknown = sorted(set(options) - set(known))
         if unknown:
-            known = ", ".join(sorted(self.options_help)) or "none"
-            raise PlanError(f"{where}method {self.name!r}: unknown option(s) {unknown}; known options: {known}")
+            raise PlanError(f"{where}method {self.name!r}: unknown option(s) {unknown}; known options: {', '.join(sorted(known))}")
+        align = options.get("align")
+        if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
+            raise PlanError(f"{where}method {self.name!r}: option align must be a positive integer (e.g. 8), got {align!r}")
         try:
             self._check_options(options)
         except (TypeError, ValueError) as exc:
@@ -327,7 +353,7 @@ class BaseMethod:
             "structure": self.structure,
             "rank": self.rank_help(),
             "rank_format": self.rank_format,
-            "options": dict(self.options_help),
+            "options": {**COMMON_OPTIONS, **self.options_help},
             "nested": self.nested,
             "data_aware": self.data_aware,
             "reference": self.reference,
