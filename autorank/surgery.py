@@ -6,7 +6,8 @@ replacing them would change the model's behaviour:
 
 - a Linear owned by ``nn.MultiheadAttention`` (its weight is read by the fused
   attention function, the module itself is never called);
-- a layer whose weight is shared with another module (tied weights).
+- a layer whose weight is shared with another module (tied weights);
+- a module registered at two places (the same instance reused).
 """
 
 from __future__ import annotations
@@ -51,12 +52,18 @@ def candidate_layers(model: nn.Module) -> dict[str, tuple[nn.Module, Optional[st
             for child, _ in module.named_modules():
                 if child:
                     mha_children.add(f"{name}.{child}" if name else child)
+    places: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(name)
     out: dict[str, tuple[nn.Module, Optional[str]]] = {}
     for name, module in model.named_modules():
         if not name or layer_kind(module) is None:
             continue
         reason = None
-        if name in mha_children:
+        others = [p for p in places.get(id(module), []) if p != name]
+        if others:
+            reason = f"the same module is also used as {others[0]} (shared module)"
+        elif name in mha_children:
             reason = "owned by nn.MultiheadAttention, which reads its weight directly"
         else:
             shared = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]

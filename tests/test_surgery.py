@@ -105,3 +105,12 @@ def test_a_decomposed_model_can_be_decomposed_again_and_saved(tmp_path):
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         assert torch.equal(back(x), twice(x))
+
+
+def test_a_module_used_at_two_places_is_excluded():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    cands = candidate_layers(model)
+    assert list(cands) == ["0"] and "also used as 2" in cands["0"][1]
+    with pytest.raises(NotApplicableError, match="shared module"):
+        autorank.decompose(model, {"layers": {"0": {"method": "svd", "rank": 2}}})
