@@ -31,7 +31,10 @@ class CLIError(AutorankError):
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # piped output (scripts, CI logs) gets wide tables rather than rich's 80-column default
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
