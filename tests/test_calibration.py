@@ -21,15 +21,6 @@ import autorank
 from autorank import FactorCache
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny layers: on a busy 2-core machine OpenMP threads spinning at barriers make LAPACK calls
-    of milliseconds take seconds. One thread here, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _decompose(net: nn.Module, rank, calibration=None, method="svd", options=None) -> nn.Module:
     entry = {"method": method, "rank": rank}

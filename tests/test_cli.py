@@ -386,15 +386,6 @@ def _describe(sc: Scenario) -> str:
     return f"$ autorank {' '.join(sc.argv)}\nrc={sc.rc}\n--- stdout\n{sc.stdout}\n--- stderr\n{sc.stderr}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The in-process comparisons: tiny layers, where OpenMP threads spinning at barriers on a busy
-    2-core machine turn milliseconds into seconds. One thread here, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------------- methods
 

@@ -104,15 +104,6 @@ def _only_plain_data(obj, where="blob") -> None:
         assert obj is None or type(obj) in (str, int, float, bool, torch.Tensor), f"{where}: {type(obj).__name__}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These layers are tiny: on a busy 2-core machine, OpenMP threads spinning at barriers make
-    LAPACK calls of a few milliseconds take seconds. One thread here, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------------- round trips
 

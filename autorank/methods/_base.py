@@ -366,6 +366,16 @@ class BaseMethod:
         return f"<method {self.name}>"
 
 
+def dense_kernel_reason(spec: LayerSpec, method: str, what: str) -> Optional[str]:
+    """Why a method that needs a dense k×k kernel (k > 1) refuses ``spec``, or None."""
+    if spec.groups > 1:
+        kind = "depthwise" if spec.depthwise else "grouped"
+        return f"{kind} convolution (groups={spec.groups}): {method} {what}, which a grouped kernel does not have"
+    if spec.kernel_size == (1, 1):
+        return "1x1 kernel: use svd"
+    return None
+
+
 def bias_tensor(module: nn.Module) -> Optional[torch.Tensor]:
     b = getattr(module, "bias", None)
     return None if b is None else b.detach()
@@ -384,4 +394,4 @@ def conv_out_hw(spec: LayerSpec, input_shape: Sequence[int]) -> tuple[int, int, 
     return b, h, w, oh, ow
 
 
-__all__ += ["conv_out_hw", "bias_tensor", "conv_flops", "linear_flops", "rows_of", "Cost", "LayerSpec"]
+__all__ += ["conv_out_hw", "bias_tensor", "dense_kernel_reason", "conv_flops", "linear_flops", "rows_of", "Cost", "LayerSpec"]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import BaseMethod, Factors, LayerStats, conv_out_hw
+from autorank.methods._base import BaseMethod, dense_kernel_reason, Factors, LayerStats, conv_out_hw
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 
 __all__ = ["CP", "cp_als", "cp_als_memory_bytes", "DEFAULT_MEMORY_LIMIT"]
@@ -162,15 +162,7 @@ class CP(BaseMethod):
 
     # ------------------------------------------------------------------ applicability
     def _applies(self, spec: LayerSpec) -> Optional[str]:
-        if spec.groups > 1:
-            kind = "depthwise" if spec.depthwise else "grouped"
-            return (
-                f"{kind} convolution (groups={spec.groups}): cp decomposes a dense "
-                "out × in × kh × kw kernel, which a grouped kernel does not have"
-            )
-        if spec.kernel_size == (1, 1):
-            return "1x1 kernel: use svd"
-        return None
+        return dense_kernel_reason(spec, "cp", "decomposes a dense out × in × kh × kw kernel")
 
     # ------------------------------------------------------------------ ranks
     def max_rank(self, spec: LayerSpec) -> int:

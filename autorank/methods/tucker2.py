@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from autorank.errors import RankError
-from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw
+from autorank.methods._base import BaseMethod, dense_kernel_reason, Factors, LayerStats, Rank, conv_out_hw
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 from autorank.methods._vbmf import evbmf_rank
 
@@ -142,15 +142,7 @@ class Tucker2(BaseMethod):
 
     # ------------------------------------------------------------------ applicability
     def _applies(self, spec: LayerSpec) -> Optional[str]:
-        if spec.groups > 1:
-            kind = "depthwise" if spec.depthwise else "grouped"
-            return (
-                f"{kind} convolution (groups={spec.groups}): tucker2 factors the channel modes of a "
-                "dense kernel, which a grouped kernel does not have"
-            )
-        if spec.kernel_size == (1, 1):
-            return "1x1 kernel: use svd"
-        return None
+        return dense_kernel_reason(spec, "tucker2", "factors the channel modes of a dense kernel")
 
     # ------------------------------------------------------------------ ranks
     def max_rank(self, spec: LayerSpec) -> tuple[int, int]:
