@@ -40,14 +40,19 @@ def weight_digest(t: torch.Tensor) -> str:
     """Content hash of a tensor.
 
     Memoised per tensor object; the memo is trusted only while the tensor's
-    storage pointer, version counter and a cheap fingerprint (its sum and sum of
-    absolute values) are unchanged, so in-place edits — including through
-    ``.data``, which bypasses the version counter — are rehashed.
+    storage pointer, version counter and a cheap fingerprint (its sum and 1024
+    elements spread over it) are unchanged, so in-place edits — including through
+    ``.data``, which bypasses the version counter — are rehashed. (An edit that
+    keeps the sum and misses every sampled element would go unnoticed: clear
+    the cache after such surgery, or pass a fresh FactorCache.)
     """
     data = t.detach()
     with torch.no_grad():
-        fingerprint = (data.data_ptr(), t._version, float(data.sum(dtype=torch.float64)) if data.numel() else 0.0,
-                       float(data.abs().sum(dtype=torch.float64)) if data.numel() else 0.0)
+        flat = data.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024]
+        # one reduction pass plus a spread sample: cheap, and changed by any ordinary edit
+        fingerprint = (data.data_ptr(), t._version, float(flat.sum()) if flat.numel() else 0.0,
+                       sample.cpu().numpy().tobytes())
     key = id(t)
     with _DIGEST_LOCK:
         hit = _DIGESTS.get(key)

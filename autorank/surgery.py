@@ -163,8 +163,9 @@ def decompose(
     """
     plan = Plan.coerce(plan)
     cache = cache if cache is not None else default_cache()
-    # check the plan before any work, so that bad input costs nothing
-    resolve_plan(model, plan)
+    # check the plan before any work (collecting statistics or shapes runs the model)
+    if calibration is not None or example_inputs is not None:
+        resolve_plan(model, plan)
     cal: Optional[Calibration] = None
     if calibration is not None:
         if isinstance(calibration, Calibration):

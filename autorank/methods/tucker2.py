@@ -10,6 +10,7 @@ from torch import nn
 from autorank.errors import RankError
 from autorank.methods._base import BaseMethod, dense_kernel_reason, Factors, LayerStats, Rank, conv_out_hw
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
+from autorank.methods._linalg import thin_svd
 from autorank.methods._vbmf import evbmf_rank
 
 __all__ = ["Tucker2", "hosvd_factors", "hooi_factors"]
@@ -31,7 +32,7 @@ def _orthonormal_basis(m: torch.Tensor) -> torch.Tensor:
     positive) so that the result does not depend on the LAPACK build.
     """
     n = m.shape[0]
-    u, _, _ = torch.linalg.svd(m, full_matrices=False)
+    u, _, _ = thin_svd(m)
     k = u.shape[1]
     if k < n:
         q = torch.linalg.qr(u, mode="complete").Q
