@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from autorank._format import format_count, format_seconds
 from autorank.errors import AutorankError
 
 __all__ = ["Budget", "Constraint", "BudgetError", "parse_budget"]
@@ -53,15 +54,15 @@ class Constraint:
         if self.relative:
             return f"at most {self.value * 100:g}% of the original model's {what}"
         if self.metric == "latency":
-            return f"a latency of at most {_format_time(self.value)}"
-        return f"at most {_format_count(self.value)} {what}"
+            return f"a latency of at most {format_seconds(self.value)}"
+        return f"at most {format_count(self.value)} {what}"
 
     def text(self) -> str:
         if self.relative:
             return f"{self.value * 100:g}%{self.metric}"
         if self.metric == "latency":
-            return f"latency<={_format_time(self.value).replace(' ', '')}"
-        return f"{self.metric}<={_format_count(self.value)}"
+            return f"latency<={format_seconds(self.value).replace(' ', '')}"
+        return f"{self.metric}<={format_count(self.value)}"
 
 
 @dataclass(frozen=True)
@@ -152,21 +153,6 @@ def parse_budget(text: Optional[str]) -> Budget:
     return Budget(tuple(_parse_one(p, str(text)) for p in parts))
 
 
-def _format_count(n: float) -> str:
-    for suffix, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= div:
-            return f"{n / div:.4g}{suffix}"
-    return f"{n:.4g}"
-
-
-def _format_time(s: float) -> str:
-    if s >= 1:
-        return f"{s:g} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:g} ms"
-    return f"{s * 1e6:g} us"
-
-
 def smallest_reachable(profile, methods: Optional[list[str]] = None) -> dict[str, int]:
     """The smallest FLOPs and parameters any plan can reach: each layer at its cheapest option.
 
@@ -208,7 +194,7 @@ def check_reachable(budget: Budget, profile, methods: Optional[list[str]] = None
             pct = 100.0 * reach[c.metric] / original[c.metric]
             what = "FLOPs" if c.metric == "flops" else "parameters"
             raise BudgetError(
-                f"budget {c.text()!r} cannot be met: the smallest plan reaches {_format_count(reach[c.metric])} {what} "
-                f"({pct:.1f}% of the original {_format_count(original[c.metric])}); layers that no method applies to, "
+                f"budget {c.text()!r} cannot be met: the smallest plan reaches {format_count(reach[c.metric])} {what} "
+                f"({pct:.1f}% of the original {format_count(original[c.metric])}); layers that no method applies to, "
                 f"and everything that is not a layer, keep their cost"
             )

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from autorank import methods as registry
+from autorank._format import format_seconds
 from autorank.errors import AutorankError, RankError
 from autorank.methods._base import Rank
 from autorank.methods._layers import LayerSpec, layer_kind, layer_spec
@@ -219,11 +220,7 @@ class Timing:
 
 
 def _fmt_s(s: float) -> str:
-    if s >= 1:
-        return f"{s:.3g} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s * 1e6:.3g} us"
+    return format_seconds(s, ".3g")
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
