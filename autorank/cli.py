@@ -344,6 +344,9 @@ def _ms(seconds: Optional[float]) -> str:
 
 # ---------------------------------------------------------------------- parser
 EPILOG_MAIN = """examples:
+  autorank search --budget 30%flops
+  autorank front runs/demo-30flops
+  autorank export runs/demo-30flops --pick best -o demo-small.pt
   autorank methods
   autorank plan --model demo
   autorank profile --model demo
@@ -406,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_profile)
 
     d = sub.add_parser("decompose", help="decompose a model by a plan and save it",
-                       epilog=EPILOG_MAIN.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="examples:\n" + "\n".join(ln for ln in EPILOG_MAIN.splitlines() if "decompose" in ln) + "\n", formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args(d)
     plan_args(d)
     d.add_argument("--calibration", metavar="FILE", help="inputs (.pt tensor or list of tensors, or .npy) for data-aware initialisation")
@@ -415,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_decompose)
+
+    from autorank.cli_search import add_commands
+
+    add_commands(sub)
     return p
 
 

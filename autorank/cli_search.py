@@ -1,0 +1,278 @@
+"""``autorank search``, ``autorank front`` and ``autorank export``: the user's path from a model to a chosen file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from autorank.errors import AutorankError
+
+__all__ = ["add_commands"]
+
+SEARCH_EXAMPLES = """examples:
+  autorank search --budget 30%flops                       # the built-in digits CNN, a few minutes on a CPU
+  autorank search --model demo --budget 50%params --trials 80 --out runs/demo50
+  autorank search --model minilm --budget 40%flops --space transformer
+  autorank search --model mymodel.py:build --task mytask.py:make_task --budget latency<=4ms
+  autorank search --budget 30%flops --address auto --workers 8 --gpus-per-trial 0.5   # on a Ray cluster
+
+The same command run again resumes the run directory (no finished trial is redone).
+FLOPs follow fvcore's convention: one multiply-add = one FLOP."""
+
+FRONT_EXAMPLES = """examples:
+  autorank front runs/demo-30flops
+  autorank front runs/demo-30flops --json"""
+
+EXPORT_EXAMPLES = """examples:
+  autorank export runs/demo-30flops --pick best -o demo.pt
+  autorank export runs/demo-30flops --pick smallest --min-score 0.95 -o demo.onnx --format onnx
+  autorank export runs/demo-30flops --trial 12 -o demo.ts --format torchscript --force"""
+
+
+class CLIError(AutorankError):
+    """Bad command-line input not covered by a library error."""
+
+
+def _console(stderr: bool = False):
+    from autorank.cli import _console as c
+
+    return c(stderr)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", text.replace("%", "").replace("<=", "-").replace(",", "-")).strip("-.") or "run"
+
+
+def default_out(model: str, budget: str) -> Path:
+    stem = Path(model.split(":")[0]).stem if (":" in model or model.endswith(".py")) else model
+    return Path("runs") / f"{_slug(stem)}-{_slug(budget)}"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _ms(s: Optional[float]) -> str:
+    return "-" if not s else f"{s * 1e3:.3g} ms"
+
+
+# ---------------------------------------------------------------------- search
+class _Progress:
+    """Rich progress: trials done/total, running, failed, elapsed, remaining, front size, best score."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.task = None
+        self.phase = None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                console=_console(stderr=True), transient=False)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, e: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        phase = e.get("phase")
+        names = {"profile": "profiling", "latency": "latency table", "sensitivity": "layer sensitivity",
+                 "trials": "trials", "finetune": "fine-tuning", "done": "done"}
+        if phase != self.phase and phase in ("latency", "sensitivity", "trials", "finetune"):
+            self.phase = phase
+            self.task = self.bar.add_task(names[phase], total=e.get("total") or 1, info="")
+        if self.task is None or phase not in ("latency", "sensitivity", "trials", "finetune"):
+            return
+        info = ""
+        if phase == "trials":
+            best = e.get("best_score")
+            info = (f"running {e.get('running', 0)} · failed {e.get('failed', 0)} · front {e.get('front_size', 0)}"
+                    + (f" · best {best:.4g}" if best is not None else ""))
+        elif phase == "finetune" and e.get("trial") is not None:
+            info = f"trial {e['trial']}"
+        self.bar.update(self.task, completed=e.get("done", 0), total=e.get("total") or 1, info=info)
+
+
+def cmd_search(args) -> int:
+    from autorank.search import search
+
+    out = Path(args.out) if args.out else default_out(args.model, args.budget)
+    console = _console()
+    if not args.json:
+        console.print(f"autorank search: model [bold]{args.model}[/], budget [bold]{args.budget}[/], "
+                      f"{args.trials} trials, run directory [bold]{out}[/]"
+                      + (" (resuming)" if (out / "settings.json").exists() else ""))
+    executor = None
+    if args.address or args.workers > 1 or args.gpus_per_trial or args.resources:
+        from autorank.search.executor import RayExecutor
+
+        executor = RayExecutor(address=args.address, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
+                               gpus_per_trial=args.gpus_per_trial, resources=_resources(args.resources))
+    t0 = time.perf_counter()
+    with _Progress(args.quiet or args.json) as prog:
+        result = search(
+            args.model, args.task, budget=args.budget, space=args.space, trials=args.trials, out=out, seed=args.seed,
+            sampler=args.sampler, finetune=args.finetune, finetune_steps=args.finetune_steps,
+            warm_start=not args.no_warm_start, executor=executor, progress=prog,
+        )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    _print_front(result, console)
+    console.print(f"\n{len(result.trials)} trials in {time.perf_counter() - t0:.0f} s; "
+                  f"wasted on infeasible or failed plans: {result.wasted_fraction:.0%}")
+    console.print(f"run directory: {result.run_dir}\nplot: {result.run_dir / 'pareto.png'} and {result.run_dir / 'pareto.html'}")
+    if result.front:
+        console.print(f"export one: autorank export {result.run_dir} --pick best -o model.pt")
+    return 0
+
+
+def _resources(text: Optional[str]) -> Optional[dict]:
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+        raise CLIError(f"--resources {text!r}: expected a JSON object of numbers, e.g. '{{\"accelerator_type:A100\": 0.01}}'")
+    return data
+
+
+def _print_front(result, console) -> None:
+    from rich.table import Table
+
+    base = result.base_score
+    t = Table(title=f"Pareto front — budget {result.budget} (base score {base:.4g}; FLOPs: one multiply-add = one FLOP)")
+    for col in ("trial", "methods", "score", "FLOPs", "params", "latency", "fine-tuned", "origin"):
+        t.add_column(col, overflow="fold")
+    for m in result.front:
+        t.add_row(str(m.trial), m.summary, f"{m.score:.4g}", _pct(m.flops_ratio), _pct(m.params_ratio),
+                  _ms(m.latency_measured_s), "yes" if m.finetuned else "no", m.origin)
+    console.print(t)
+    if result.original_latency_s:
+        console.print(f"original model latency: {_ms(result.original_latency_s)} (measured side by side, 1 thread)")
+
+
+# ---------------------------------------------------------------------- front
+def cmd_front(args) -> int:
+    from autorank.search import SearchResult
+
+    result = SearchResult.load(args.run)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        console = _console()
+        _print_front(result, console)
+    result.write()
+    if not args.json:
+        console.print(f"plot: {result.run_dir / 'pareto.png'} and {result.run_dir / 'pareto.html'}")
+    return 0
+
+
+# ---------------------------------------------------------------------- export
+def _fraction(text: Optional[str], flag: str) -> Optional[float]:
+    if text is None:
+        return None
+    t = text.strip().rstrip("%")
+    try:
+        v = float(t)
+    except ValueError:
+        raise CLIError(f"{flag} {text!r}: expected a percentage such as 30%") from None
+    v = v / 100 if text.strip().endswith("%") or v > 1 else v
+    if not 0 < v <= 1:
+        raise CLIError(f"{flag} {text!r}: expected a percentage in (0, 100]")
+    return v
+
+
+def _seconds(text: Optional[str]) -> Optional[float]:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(us|ms|s)\s*", text)
+    if not m:
+        raise CLIError(f"--max-latency {text!r}: expected a time such as 2ms, 500us or 0.01s")
+    return float(m[1]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m[2]]
+
+
+def cmd_export(args) -> int:
+    from autorank.search import SearchResult
+
+    if args.trial is None and args.pick is None:
+        raise CLIError("choose a front member with --trial N or --pick smallest|best|knee")
+    if args.pick is not None and args.pick not in ("smallest", "best", "knee"):
+        raise CLIError(f"--pick {args.pick!r}: expected smallest, best or knee")
+    target = Path(args.output)
+    if target.exists() and not args.force:
+        raise CLIError(f"{target} exists; pass --force to overwrite it")
+    result = SearchResult.load(args.run)
+    member = result.pick(args.pick, trial=args.trial, max_flops=_fraction(args.max_flops, "--max-flops"),
+                         max_params=_fraction(args.max_params, "--max-params"),
+                         max_latency=_seconds(args.max_latency), min_score=args.min_score)
+    report = result.export(member, target, format=args.format, force=args.force)
+    console = _console()
+    console.print(f"exported trial {member.trial} ({member.summary}; score {member.score:.4g}, "
+                  f"FLOPs {_pct(member.flops_ratio)}, params {_pct(member.params_ratio)}) to {report.path} "
+                  f"[{args.format}]; metadata in {report.sidecar}")
+    if report.checked and report.max_abs_diff is not None:
+        console.print(f"checked against PyTorch: max abs difference {report.max_abs_diff:.2e} (tolerance {report.tolerance})")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def add_commands(sub) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    s = sub.add_parser("search", help="search per-layer methods and ranks under a budget; returns a Pareto front",
+                       epilog=SEARCH_EXAMPLES, formatter_class=fmt)
+    s.add_argument("--model", default="demo", metavar="SPEC",
+                   help="built-in (demo, minilm, resnet50, bert-base), package.module:callable or file.py:callable (default: demo)")
+    s.add_argument("--task", metavar="SPEC", help="how to score and fine-tune: demo, minilm, package.module:callable or file.py:callable "
+                                                  "(default: the built-in model's own task)")
+    s.add_argument("--budget", required=True, help="e.g. 30%%flops, 50%%params, flops<=1.2G, latency<=4ms (comma-separated: all hold)")
+    s.add_argument("--space", default="default", metavar="NAME|FILE", help="search space: default, cnn, transformer or a YAML file")
+    s.add_argument("--trials", type=int, default=40, help="zero-shot trials in total, warm-start plans included (default 40)")
+    s.add_argument("--finetune", type=int, default=4, metavar="K", help="fine-tune the K most promising plans (default 4; 0: none)")
+    s.add_argument("--finetune-steps", type=int, metavar="N", help="optimizer steps per fine-tuning (default: the task's)")
+    s.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-BUDGET); an existing one is resumed")
+    s.add_argument("--seed", type=int, default=0, help="the same seed gives the same plans (default 0)")
+    s.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "gp", "random"), help="Optuna sampler (default tpe)")
+    s.add_argument("--no-warm-start", action="store_true", help="skip the sensitivity table and the baseline plans")
+    s.add_argument("--address", metavar="ADDR", help="Ray cluster to run trials on: auto, HOST:PORT (default: this process)")
+    s.add_argument("--workers", type=int, default=1, help="concurrent trials (Ray workers; default 1)")
+    s.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial on Ray (default 1)")
+    s.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial on Ray, fractions allowed (default 0)")
+    s.add_argument("--resources", metavar="JSON", help="custom Ray resources per trial, e.g. '{\"accelerator_type:A100\": 0.01}'")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_search)
+
+    f = sub.add_parser("front", help="show a run's Pareto front and write pareto.png / pareto.html", epilog=FRONT_EXAMPLES,
+                       formatter_class=fmt)
+    f.add_argument("run", metavar="RUN", help="run directory of `autorank search`")
+    f.add_argument("--json", action="store_true", help="machine-readable output")
+    f.set_defaults(func=cmd_front)
+
+    e = sub.add_parser("export", help="write a chosen front member as .pt, ONNX or TorchScript", epilog=EXPORT_EXAMPLES,
+                       formatter_class=fmt)
+    e.add_argument("run", metavar="RUN", help="run directory of `autorank search`")
+    e.add_argument("--trial", type=int, help="the front member with this trial number")
+    e.add_argument("--pick", help="smallest, best or knee (among members meeting the --max/--min limits)")
+    e.add_argument("--max-flops", metavar="PCT", help="at most this share of the original FLOPs, e.g. 30%%")
+    e.add_argument("--max-params", metavar="PCT", help="at most this share of the original parameters")
+    e.add_argument("--max-latency", metavar="TIME", help="measured latency at most, e.g. 2ms")
+    e.add_argument("--min-score", type=float, help="score at least")
+    e.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the model")
+    e.add_argument("--format", default="pt", choices=("pt", "onnx", "torchscript"), help="file format (default pt)")
+    e.add_argument("--force", action="store_true", help="overwrite an existing file")
+    e.set_defaults(func=cmd_export)

@@ -1,0 +1,356 @@
+"""Plans in the search's own terms — ``{layer: (method, ρ)}`` — their costs, repair and allocations.
+
+- :class:`CostModel`: exact FLOPs and parameters of a choice plan from the
+  profile's formulas (no tracing), estimated latency from a lookup table; the
+  budget's violation (Optuna's constraint value) and the cost objective.
+- :func:`repair`: shrink an over-budget plan until it fits, one ρ step at a time
+  where it hurts least (per the sensitivity table when there is one).
+- Allocations used as warm starts and as the baselines autorank is measured
+  against: :func:`uniform_plan` (one method, one ρ everywhere — SVD-LLM's rule),
+  :func:`greedy_plan` (AIMET's rule: per-layer scores, one score threshold found
+  by bisection), :func:`lagrangian_plan` (least total score drop for the budget,
+  a multiple-choice knapsack solved by Lagrangian relaxation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from autorank import methods as registry
+from autorank.cost.budget import Budget
+from autorank.plan import LayerPlan, Plan
+from autorank.search.space import LayerChoice
+
+logger = logging.getLogger("autorank")
+
+__all__ = [
+    "ChoicePlan", "CostModel", "Sensitivity", "repair", "to_plan", "uniform_plan", "greedy_plan",
+    "lagrangian_plan", "dense_plan", "describe_plan",
+]
+
+#: {layer name: (method, rho)}; method "none" keeps the layer dense
+ChoicePlan = dict[str, tuple[str, float]]
+
+
+def dense_plan(choices: dict[str, LayerChoice]) -> ChoicePlan:
+    return {n: ("none", ch.rhos[-1]) for n, ch in choices.items()}
+
+
+def describe_plan(cp: ChoicePlan) -> str:
+    """Short summary such as ``svd×3 tucker2×2 (1 dense)``."""
+    counts: dict[str, int] = {}
+    for m, _ in cp.values():
+        counts[m] = counts.get(m, 0) + 1
+    dense = counts.pop("none", 0)
+    text = " ".join(f"{m}×{k}" for m, k in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "dense"
+    return text + (f" ({dense} dense)" if dense and counts else "")
+
+
+class CostModel:
+    """Costs of choice plans against one budget.
+
+    ``latency``: ``(table, base_latency_s)`` when the budget constrains latency;
+    per-layer latency deltas then come from the table (see
+    :func:`autorank.cost.latency.estimate_latency`).
+    """
+
+    def __init__(self, profile, budget: Budget, align: Optional[int] = None, latency: Optional[tuple[Any, float]] = None):
+        self.profile = profile
+        self.budget = budget
+        self.align = align
+        self.latency = latency
+        self.original: dict[str, float] = {"flops": float(profile.flops), "params": float(profile.params)}
+        if latency is not None:
+            self.original["latency"] = float(latency[1])
+        self.metrics = ("flops", "params") + (("latency",) if latency is not None else ())
+        self.limits = budget.limits(self.original)
+        self.objective_metric = budget.metrics[0]
+        self._memo: dict[tuple, dict[str, float]] = {}
+
+    def concrete_rank(self, name: str, method: str, rho: float):
+        return self.profile._delta(name, method, float(rho), self.align)[2]
+
+    def layer_delta(self, name: str, choice: tuple[str, float]) -> dict[str, float]:
+        """Change of each metric when layer ``name`` takes ``choice`` instead of staying dense."""
+        key = (name, choice)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        method, rho = choice
+        if method == "none":
+            d = {m: 0.0 for m in self.metrics}
+        else:
+            dp, df, rank = self.profile._delta(name, method, float(rho), self.align)
+            d = {"flops": float(df), "params": float(dp)}
+            if self.latency is not None:
+                from autorank.cost.latency import estimate_latency
+
+                table, base = self.latency
+                d["latency"] = estimate_latency(self.profile, {name: (method, rank)}, table, base_latency=base) - base
+        self._memo[key] = d
+        return d
+
+    def costs(self, cp: ChoicePlan) -> dict[str, float]:
+        out = dict(self.original)
+        for name, choice in cp.items():
+            for m, v in self.layer_delta(name, choice).items():
+                out[m] += v
+        return out
+
+    def violation(self, costs: dict[str, float]) -> float:
+        """Largest relative excess over a limit; <= 0 when the plan fits (Optuna's constraint value)."""
+        return max((costs[m] - lim) / lim if lim > 0 else costs[m] for m, lim in self.limits.items())
+
+    def fits(self, costs: dict[str, float]) -> bool:
+        return self.violation(costs) <= 1e-12
+
+    def objective(self, costs: dict[str, float]) -> float:
+        """The cost objective: the budget's first metric as a fraction of the original."""
+        m = self.objective_metric
+        return costs[m] / self.original[m]
+
+    def ratios(self, costs: dict[str, float]) -> dict[str, float]:
+        return {m: costs[m] / self.original[m] for m in self.metrics if self.original.get(m)}
+
+
+# ---------------------------------------------------------------------- sensitivity
+@dataclass
+class Sensitivity:
+    """Zero-shot score of the model with one layer decomposed at a time.
+
+    ``scores[layer][method]`` = sorted list of ``(rho, score)``; ``base`` = the
+    original model's score. :meth:`drop` interpolates linearly in ρ between probes
+    (clamped below the smallest probe; reaching 0 at ρ = 1).
+    """
+
+    base: float
+    scores: dict[str, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
+
+    def drop(self, name: str, choice: tuple[str, float]) -> float:
+        method, rho = choice
+        if method == "none":
+            return 0.0
+        pts = self.scores.get(name, {}).get(method)
+        if not pts:
+            return max(0.0, -math.log(max(rho, 1e-6))) * 1e-3  # unprobed: a small, ρ-ordered guess
+        drops = [(r, max(0.0, self.base - s)) for r, s in pts]
+        if rho <= drops[0][0]:
+            return drops[0][1]
+        for (r0, d0), (r1, d1) in zip(drops, drops[1:]):
+            if rho <= r1:
+                return d0 + (d1 - d0) * (rho - r0) / (r1 - r0)
+        r0, d0 = drops[-1]
+        return d0 * (1.0 - rho) / (1.0 - r0) if r0 < 1.0 else d0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "scores": {n: {m: [list(p) for p in pts] for m, pts in ms.items()} for n, ms in self.scores.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Sensitivity":
+        return cls(float(data["base"]), {n: {m: [tuple(p) for p in pts] for m, pts in ms.items()} for n, ms in data["scores"].items()})
+
+
+def probe_rhos(grid: tuple[float, ...], n: int = 4) -> list[float]:
+    """``n`` values spread over the grid, its ends included."""
+    if len(grid) <= n:
+        return list(grid)
+    idx = sorted({round(i * (len(grid) - 1) / (n - 1)) for i in range(n)})
+    return [grid[i] for i in idx]
+
+
+def penalty_fn(sensitivity: Optional[Sensitivity]) -> Callable[[str, tuple[str, float]], float]:
+    if sensitivity is not None:
+        return sensitivity.drop
+    return lambda _name, choice: 0.0 if choice[0] == "none" else -math.log(max(choice[1], 1e-6))
+
+
+# ---------------------------------------------------------------------- repair
+def repair(
+    cp: ChoicePlan,
+    choices: dict[str, LayerChoice],
+    cost: CostModel,
+    penalty: Callable[[str, tuple[str, float]], float],
+) -> tuple[ChoicePlan, bool]:
+    """Shrink ``cp`` until it fits the budget; returns ``(plan, fits)``.
+
+    Each step takes the move with the least added penalty per unit of budget
+    excess removed: one ρ step down for a decomposed layer, or decomposing a
+    dense layer at its largest ρ with any of its methods. Stops when the plan fits
+    or no move reduces the excess (then ``fits`` is False).
+    """
+    cur = dict(cp)
+    costs = cost.costs(cur)
+    viol = cost.violation(costs)
+    steps = 0
+    while viol > 1e-12:
+        best = None
+        for name, ch in choices.items():
+            method, rho = cur[name]
+            if method == "none":
+                moves = [(m, ch.rhos[-1]) for m in ch.methods if m != "none"]
+            else:
+                i = _index(ch.rhos, rho)
+                moves = [(method, ch.rhos[i - 1])] if i > 0 else []
+            old_d = cost.layer_delta(name, cur[name])
+            old_p = penalty(name, cur[name])
+            for mv in moves:
+                new_d = cost.layer_delta(name, mv)
+                trial = {m: costs[m] - old_d[m] + new_d[m] for m in costs}
+                gain = viol - cost.violation(trial)
+                if gain <= 1e-15:
+                    continue
+                ratio = max(penalty(name, mv) - old_p, 0.0) / gain
+                if best is None or ratio < best[0] - 1e-15:
+                    best = (ratio, name, mv, trial)
+        if best is None:
+            return cur, False
+        _, name, mv, costs = best
+        cur[name] = mv
+        viol = cost.violation(costs)
+        steps += 1
+    return cur, True
+
+
+def _index(grid: tuple[float, ...], rho: float) -> int:
+    return min(range(len(grid)), key=lambda i: abs(grid[i] - rho))
+
+
+# ---------------------------------------------------------------------- allocations
+def uniform_plan(method: str, rho: float, choices: dict[str, LayerChoice]) -> ChoicePlan:
+    return {n: ((method, rho) if method in ch.methods else ("none", ch.rhos[-1])) for n, ch in choices.items()}
+
+
+def best_uniform(method: str, choices: dict[str, LayerChoice], cost: CostModel) -> Optional[tuple[float, ChoicePlan]]:
+    """The uniform plan of ``method`` at the largest grid ρ that fits the budget (None: none fits)."""
+    grid = sorted({r for ch in choices.values() for r in ch.rhos}, reverse=True)
+    for rho in grid:
+        cp = uniform_plan(method, rho, choices)
+        if cost.fits(cost.costs(cp)):
+            return rho, cp
+    return None
+
+
+def _options(name: str, ch: LayerChoice, sens: Sensitivity) -> list[tuple[str, float]]:
+    """Every probed choice of a layer (dense included), as candidates for the allocators."""
+    out: list[tuple[str, float]] = [("none", ch.rhos[-1])]
+    for m in ch.methods:
+        if m == "none":
+            continue
+        for r in ch.rhos:
+            out.append((m, r))
+    return out
+
+
+def greedy_plan(choices: dict[str, LayerChoice], cost: CostModel, sens: Sensitivity) -> Optional[ChoicePlan]:
+    """AIMET's greedy selection: one score threshold t for all layers, found by bisection.
+
+    Each layer takes its cheapest probed option whose own zero-shot score is at
+    least t (dense always qualifies); the largest t whose plan fits wins.
+    Only probed (method, ρ) points are used, as AIMET does.
+    """
+    per_layer: dict[str, list[tuple[float, tuple[str, float]]]] = {}
+    thresholds = {sens.base}
+    for name, ch in choices.items():
+        opts: list[tuple[float, tuple[str, float]]] = [(sens.base, ("none", ch.rhos[-1]))]
+        for m, pts in sens.scores.get(name, {}).items():
+            if m not in ch.methods:
+                continue
+            for r, s in pts:
+                if any(abs(r - g) < 1e-9 for g in ch.rhos):
+                    opts.append((s, (m, min(ch.rhos, key=lambda g: abs(g - r)))))
+                    thresholds.add(s)
+        per_layer[name] = opts
+
+    def plan_at(t: float) -> ChoicePlan:
+        cp = {}
+        for name, opts in per_layer.items():
+            ok = [c for s, c in opts if s >= t - 1e-12]
+            cp[name] = min(ok, key=lambda c: cost.objective(cost.costs({name: c})))
+        return cp
+
+    ts = sorted(thresholds, reverse=True)  # high threshold = cautious = expensive
+    lo, hi = 0, len(ts) - 1
+    if not cost.fits(cost.costs(plan_at(ts[hi]))):
+        return None
+    while lo < hi:  # first (highest) threshold whose plan fits
+        mid = (lo + hi) // 2
+        if cost.fits(cost.costs(plan_at(ts[mid]))):
+            hi = mid
+        else:
+            lo = mid + 1
+    return plan_at(ts[lo])
+
+
+def lagrangian_plan(choices: dict[str, LayerChoice], cost: CostModel, sens: Sensitivity) -> Optional[ChoicePlan]:
+    """Least total (interpolated) score drop within the budget: per layer argmin drop + λ·cost, λ by bisection."""
+    metric = cost.objective_metric
+    orig = cost.original[metric]
+    table = {
+        name: [(c, sens.drop(name, c), cost.layer_delta(name, c)[metric] / orig) for c in _options(name, ch, sens)]
+        for name, ch in choices.items()
+    }
+
+    def plan_at(lam: float) -> ChoicePlan:
+        return {name: min(opts, key=lambda o: (o[1] + lam * o[2], o[2]))[0] for name, opts in table.items()}
+
+    lo, hi = 0.0, 1.0
+    while not cost.fits(cost.costs(plan_at(hi))):
+        hi *= 4
+        if hi > 1e12:
+            return None
+    if cost.fits(cost.costs(plan_at(lo))):
+        return plan_at(lo)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if cost.fits(cost.costs(plan_at(mid))):
+            hi = mid
+        else:
+            lo = mid
+    return fill(plan_at(hi), {n: [o[0] for o in opts] for n, opts in table.items()}, cost, sens.drop)
+
+
+def fill(cp: ChoicePlan, options: dict[str, list[tuple[str, float]]], cost: CostModel,
+         penalty: Callable[[str, tuple[str, float]], float]) -> ChoicePlan:
+    """Spend the budget a plan leaves unused: repeatedly take the change that removes the most
+    penalty per unit of added cost and still fits (closes the Lagrangian relaxation's duality gap)."""
+    cur = dict(cp)
+    metric = cost.objective_metric
+    costs = cost.costs(cur)
+    while True:
+        best = None
+        for name, opts in options.items():
+            old_p = penalty(name, cur[name])
+            old_d = cost.layer_delta(name, cur[name])
+            for o in opts:
+                gain = old_p - penalty(name, o)
+                if gain <= 1e-15:
+                    continue
+                new_d = cost.layer_delta(name, o)
+                trial = {m: costs[m] - old_d[m] + new_d[m] for m in costs}
+                if not cost.fits(trial):
+                    continue
+                extra = max(trial[metric] - costs[metric], 0.0) / cost.original[metric]
+                ratio = gain / (extra + 1e-12)
+                if best is None or ratio > best[0]:
+                    best = (ratio, name, o, trial)
+        if best is None:
+            return cur
+        _, name, o, costs = best
+        cur[name] = o
+
+
+def to_plan(cp: ChoicePlan, cost: CostModel, meta: Optional[dict] = None) -> Plan:
+    """The concrete :class:`~autorank.plan.Plan` (method ranks, no fractions) of a choice plan."""
+    layers = {}
+    for name, (method, rho) in cp.items():
+        if method == "none":
+            continue
+        rank = cost.concrete_rank(name, method, rho)
+        layers[name] = LayerPlan(registry.get(method).name, rank, {})
+    m = {"rho": {n: r for n, (mm, r) in cp.items() if mm != "none"}}
+    if meta:
+        m.update(meta)
+    return Plan(layers, m)

@@ -1,0 +1,286 @@
+"""The result of a search: its Pareto front, read from (and written to) the run directory."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from autorank.errors import AutorankError
+from autorank.plan import Plan
+from autorank.search.rundir import RunDir
+
+logger = logging.getLogger("autorank")
+
+__all__ = ["FrontMember", "SearchResult", "build_front", "PickError"]
+
+PICKS = ("smallest", "best", "knee")
+
+
+class PickError(AutorankError, ValueError):
+    """No front member meets the user's constraints (the message lists the nearest ones)."""
+
+
+@dataclass
+class FrontMember:
+    """One Pareto-optimal compressed model."""
+
+    trial: int
+    plan: Plan
+    score: float
+    zero_shot_score: float
+    finetuned: bool
+    flops: float
+    params: float
+    flops_ratio: float
+    params_ratio: float
+    cost_ratio: float
+    summary: str = ""
+    origin: str = "sampler"
+    latency_estimated_s: Optional[float] = None
+    latency_measured_s: Optional[float] = None
+    weights: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trial": self.trial, "score": self.score, "zero_shot_score": self.zero_shot_score, "finetuned": self.finetuned,
+            "flops": self.flops, "params": self.params, "flops_ratio": self.flops_ratio, "params_ratio": self.params_ratio,
+            "cost_ratio": self.cost_ratio, "summary": self.summary, "origin": self.origin,
+            "latency_estimated_s": self.latency_estimated_s, "latency_measured_s": self.latency_measured_s,
+            "weights": self.weights, "plan": self.plan.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FrontMember":
+        d = dict(d)
+        d["plan"] = Plan.from_dict(d["plan"])
+        return cls(**d)
+
+
+@dataclass
+class SearchResult:
+    """``front`` sorted by cost; ``trials`` every trial record; numbers about the run."""
+
+    run_dir: Path
+    budget: str
+    cost_metric: str
+    base_score: float
+    original: dict[str, float]
+    front: list[FrontMember]
+    trials: list[dict[str, Any]]
+    wasted_fraction: float
+    original_latency_s: Optional[float] = None
+    model: Optional[nn.Module] = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ summaries
+    @property
+    def best(self) -> Optional[FrontMember]:
+        """The front member with the highest score (all members meet the budget)."""
+        return max(self.front, key=lambda m: m.score) if self.front else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget, "cost_metric": self.cost_metric, "base_score": self.base_score,
+            "original": self.original, "original_latency_s": self.original_latency_s,
+            "wasted_fraction": self.wasted_fraction, "trials": len(self.trials),
+            "front": [m.to_dict() for m in self.front],
+        }
+
+    def write(self) -> None:
+        run = RunDir(self.run_dir)
+        run.write_json("front.json", self.to_dict())
+        try:
+            from autorank.report import plot_front
+
+            plot_front(self.points(), self.run_dir, budget=self.budget_fraction(), cost_label=self.cost_label(),
+                       score_label="score", title=f"autorank front — budget {self.budget}")
+        except Exception as exc:  # plots are a convenience; a missing backend never fails a search
+            logger.warning("could not draw the Pareto plot: %s", exc)
+
+    def cost_label(self) -> str:
+        return {"flops": "FLOPs (% of original)", "params": "parameters (% of original)", "latency": "latency (% of original)"}[self.cost_metric]
+
+    def budget_fraction(self) -> Optional[float]:
+        from autorank.cost.budget import parse_budget
+
+        for c in parse_budget(self.budget).constraints:
+            if c.metric == self.cost_metric:
+                return c.value if c.relative else c.value / self.original[c.metric]
+        return None
+
+    def points(self) -> list[dict[str, Any]]:
+        front = {m.trial: m for m in self.front}
+        pts = []
+        for r in self.trials:
+            if r.get("state") != "COMPLETE":
+                continue
+            ft = (r.get("finetune") or {}).get("score")
+            m = front.get(r["number"])
+            pts.append({
+                "trial": r["number"], "cost": r["ratios"][self.cost_metric], "score": ft if ft is not None else r["score"],
+                "feasible": bool(r.get("feasible", True)), "front": m is not None, "finetuned": ft is not None,
+                "label": r.get("summary", ""),
+                "latency_ms": (m.latency_measured_s * 1e3) if (m is not None and m.latency_measured_s) else None,
+            })
+        return pts
+
+    # ------------------------------------------------------------------ models
+    def member(self, trial: int) -> FrontMember:
+        for m in self.front:
+            if m.trial == trial:
+                return m
+        raise PickError(f"trial {trial} is not on the front of {self.run_dir}; front trials: {', '.join(str(m.trial) for m in self.front)}")
+
+    def build(self, member: Union[FrontMember, int], original: Optional[nn.Module] = None) -> nn.Module:
+        """The compressed model of a front member, with its (fine-tuned) weights."""
+        from autorank.export import load
+
+        member = self.member(member) if isinstance(member, int) else member
+        if not member.weights or not Path(member.weights).exists():
+            raise AutorankError(f"{self.run_dir}: the weights of trial {member.trial} are missing ({member.weights})")
+        base = original if original is not None else self.model
+        return load(member.weights, model=base)
+
+    def export(self, member: Union[FrontMember, int], path: Union[str, Path], *, format: str = "pt", force: bool = False,
+               example_inputs: Any = None):
+        """Write a front member's model to ``path`` (pt, onnx or torchscript) with a JSON sidecar."""
+        from autorank.export import export_model
+
+        member = self.member(member) if isinstance(member, int) else member
+        model = self.build(member)
+        if example_inputs is None:
+            example_inputs = _example_inputs(self.run_dir)
+        meta = {"plan": member.plan.to_dict(), "metrics": {k: v for k, v in member.to_dict().items() if k != "plan"},
+                "source_run": str(Path(self.run_dir).resolve()), "trial": member.trial, "budget": self.budget}
+        spec = model.__dict__.get("_autorank_spec")
+        return export_model(model, path, format=format, example_inputs=example_inputs, force=force, metadata=meta, spec=spec)
+
+    def pick(self, how: Optional[str] = None, *, trial: Optional[int] = None, max_flops: Optional[float] = None,
+             max_params: Optional[float] = None, max_latency: Optional[float] = None, min_score: Optional[float] = None) -> FrontMember:
+        """A front member by trial number or by rule (``smallest``, ``best``, ``knee``) among those meeting the limits.
+
+        ``max_flops``/``max_params``: fractions of the original; ``max_latency``: seconds (measured).
+        """
+        if not self.front:
+            raise PickError(f"{self.run_dir}: the front is empty (no finished trial within the budget)")
+        if trial is not None:
+            return self.member(trial)
+        how = how or "best"
+        if how not in PICKS:
+            raise PickError(f"unknown pick {how!r}; expected one of {', '.join(PICKS)}")
+        def ok(m: FrontMember) -> list[str]:
+            bad = []
+            if max_flops is not None and m.flops_ratio > max_flops:
+                bad.append(f"FLOPs {m.flops_ratio:.0%}")
+            if max_params is not None and m.params_ratio > max_params:
+                bad.append(f"params {m.params_ratio:.0%}")
+            if max_latency is not None and (m.latency_measured_s is None or m.latency_measured_s > max_latency):
+                bad.append("latency " + (f"{m.latency_measured_s * 1e3:.3g} ms" if m.latency_measured_s else "not measured"))
+            if min_score is not None and m.score < min_score:
+                bad.append(f"score {m.score:.4g}")
+            return bad
+        fits = [m for m in self.front if not ok(m)]
+        if not fits:
+            near = sorted(self.front, key=lambda m: len(ok(m)))[:3]
+            listing = "; ".join(f"trial {m.trial}: " + ", ".join(ok(m)) for m in near)
+            raise PickError(f"no front member meets the constraints; nearest: {listing}")
+        if how == "smallest":
+            return min(fits, key=lambda m: (m.cost_ratio, -m.score))
+        if how == "best":
+            return max(fits, key=lambda m: (m.score, -m.cost_ratio))
+        return _knee(fits)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, run_dir: Union[str, Path]) -> "SearchResult":
+        rd = RunDir.open_existing(run_dir)
+        data = rd.read_json("front.json")
+        if data is None:
+            n = len(rd.trial_records())
+            raise AutorankError(
+                f"{rd.path} has no front yet ({n} trial record(s)); run the search to the end (the same command resumes it)"
+            )
+        return cls(
+            run_dir=rd.path, budget=data["budget"], cost_metric=data["cost_metric"], base_score=data["base_score"],
+            original=data["original"], front=[FrontMember.from_dict(m) for m in data["front"]],
+            trials=list(rd.trial_records().values()), wasted_fraction=data["wasted_fraction"],
+            original_latency_s=data.get("original_latency_s"),
+        )
+
+
+def _knee(members: list[FrontMember]) -> FrontMember:
+    """The member farthest from the line joining the cheapest and the best (normalised axes)."""
+    pts = sorted(members, key=lambda m: m.cost_ratio)
+    if len(pts) <= 2:
+        return max(pts, key=lambda m: m.score)
+    c0, c1 = pts[0].cost_ratio, pts[-1].cost_ratio
+    s = [m.score for m in pts]
+    s0, s1 = min(s), max(s)
+    if c1 - c0 <= 0 or s1 - s0 <= 0:
+        return max(pts, key=lambda m: m.score)
+    xs = [(m.cost_ratio - c0) / (c1 - c0) for m in pts]
+    ys = [(m.score - s0) / (s1 - s0) for m in pts]
+    (x0, y0), (x1, y1) = (xs[0], ys[0]), (xs[-1], ys[-1])
+    norm = math.hypot(x1 - x0, y1 - y0) or 1.0
+    dist = [((y1 - y0) * x - (x1 - x0) * y + x1 * y0 - y1 * x0) / norm for x, y in zip(xs, ys)]
+    return pts[max(range(len(pts)), key=lambda i: -dist[i])]
+
+
+def _example_inputs(run_dir: Path) -> Any:
+    """The example input of the run's model: from the task when it can be rebuilt, else the built-in spec's."""
+    settings = RunDir(run_dir).settings()
+    spec = (settings.get("model") or {}).get("spec")
+    task_spec = (settings.get("task") or {}).get("spec")
+    from autorank.tasks import load_task
+
+    try:
+        return load_task(task_spec, spec).example_inputs()
+    except AutorankError:
+        from autorank.zoo import example_input
+
+        x = example_input(spec) if spec else None
+        if x is None:
+            raise
+        return x
+
+
+def build_front(run: RunDir, study, cost, budget, base_score: float) -> SearchResult:
+    """The Pareto front (score up, cost down) over the finished, feasible trials, best-known scores."""
+    from autorank.report import pareto_indices
+
+    records = run.trial_records()
+    rows = []
+    for number, r in sorted(records.items()):
+        if r.get("state") != "COMPLETE" or not r.get("feasible", True):
+            continue
+        ft = r.get("finetune") or {}
+        score = ft.get("score") if ft.get("score") is not None else r.get("score")
+        if score is None or not math.isfinite(score):
+            continue
+        rows.append((number, r, float(score), ft.get("score") is not None))
+    idx = pareto_indices([r["ratios"][cost.objective_metric] for _, r, _, _ in rows], [s for _, _, s, _ in rows])
+    front = []
+    for i in idx:
+        number, r, score, tuned = rows[i]
+        latency_est = None
+        if "latency" in r["costs"] and "latency" in cost.original:
+            latency_est = r["costs"]["latency"]
+        front.append(FrontMember(
+            trial=number, plan=Plan.from_dict(r["plan"]), score=score, zero_shot_score=float(r["score"]), finetuned=tuned,
+            flops=r["costs"]["flops"], params=r["costs"]["params"], flops_ratio=r["ratios"]["flops"],
+            params_ratio=r["ratios"]["params"], cost_ratio=r["ratios"][cost.objective_metric], summary=r.get("summary", ""),
+            origin=r.get("origin", "sampler"), latency_estimated_s=latency_est,
+            weights=(r.get("finetune") or {}).get("weights") or r.get("weights"),
+        ))
+    front.sort(key=lambda m: (m.cost_ratio, -m.score))
+    finished = [r for r in records.values() if r.get("state") in ("COMPLETE", "FAIL")]
+    wasted = sum(1 for r in finished if r.get("state") == "FAIL" or not r.get("feasible", True))
+    return SearchResult(
+        run_dir=run.path, budget=budget.text(), cost_metric=cost.objective_metric, base_score=base_score,
+        original=dict(cost.original), front=front, trials=[records[k] for k in sorted(records)],
+        wasted_fraction=wasted / len(finished) if finished else 0.0,
+    )

@@ -1,0 +1,181 @@
+"""One trial: plan → decompose (factor cache) → (fine-tune) → evaluate.
+
+:class:`TrialRunner` holds what is expensive and shared by every trial of a
+process — the model, the task and its data, the calibration statistics and the
+factor cache — and is built once per process (the driver's, or each Ray worker's).
+Its methods take and return JSON-able dicts, so that the same code runs in the
+driver and on a remote worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from autorank.cache import FactorCache
+from autorank.calibration import Calibration, collect
+from autorank.errors import AutorankError
+from autorank.plan import Plan
+from autorank.surgery import decompose
+
+logger = logging.getLogger("autorank")
+
+__all__ = ["TrialRunner", "TrialError", "where"]
+
+
+class TrialError(AutorankError, RuntimeError):
+    """A trial that could not produce a score (the search records it as failed and goes on)."""
+
+
+def where() -> dict[str, Any]:
+    """Where this code runs: host, pid, and the Ray node when inside a Ray worker."""
+    out: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    try:  # only when Ray is already imported and initialised in this process
+        import sys
+
+        if "ray" in sys.modules:
+            import ray
+
+            if ray.is_initialized():
+                ctx = ray.get_runtime_context()
+                out["node_id"] = ctx.get_node_id()
+                out["node_ip"] = ray.util.get_node_ip_address()
+    except Exception:  # pragma: no cover - informational only
+        pass
+    return out
+
+
+def _finite_score(value: Any, what: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TrialError(f"the task's {what} returned {type(value).__name__}, expected a float (higher is better)")
+    value = float(value)
+    if not math.isfinite(value):
+        raise TrialError(f"the task's {what} returned {value} (not finite)")
+    return value
+
+
+class TrialRunner:
+    """Model, task, calibration and factor cache, loaded once; trials run against them.
+
+    ``calibrate``: layer names whose input statistics data-aware methods need
+    (None: every decomposable layer). ``cache_dir``: on-disk factor cache shared
+    by the processes of a node (None: memory only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Any,
+        *,
+        calibrate: Optional[list[str]] = None,
+        cache_dir: Optional[str] = None,
+        setup: bool = True,
+    ):
+        t0 = time.perf_counter()
+        self.task = task
+        self.device = torch.device(getattr(task, "device", "cpu") or "cpu")
+        self.model = model.to(self.device).eval()
+        if setup:
+            task.setup(self.model)
+        self.calibration: Optional[Calibration] = None
+        inputs = task.calibration_inputs()
+        if inputs is not None and (calibrate is None or calibrate):
+            self.calibration = collect(self.model, inputs, calibrate)
+        self.cache = FactorCache(directory=cache_dir)
+        self.setup_s = time.perf_counter() - t0
+        self.trials_run = 0
+
+    # ------------------------------------------------------------------ building
+    def build(self, plan: Plan) -> nn.Module:
+        model = decompose(self.model, plan, self.calibration, cache=self.cache)
+        return model.to(self.device).eval()
+
+    def evaluate(self, model: nn.Module) -> float:
+        with torch.no_grad():
+            return _finite_score(self.task.evaluate(model), "evaluate()")
+
+    # ------------------------------------------------------------------ jobs
+    def zero_shot(self, plan_dict: dict) -> dict[str, Any]:
+        """Score a plan without training. Never raises: failures come back with ``error``."""
+        out: dict[str, Any] = {"where": where()}
+        t0 = time.perf_counter()
+        try:
+            plan = Plan.from_dict(plan_dict)
+            model = self.build(plan)
+            t1 = time.perf_counter()
+            out["score"] = self.evaluate(model)
+            t2 = time.perf_counter()
+            out["time_decompose_s"] = t1 - t0
+            out["time_evaluate_s"] = t2 - t1
+        except Exception as exc:  # recorded as a failed trial; the search goes on
+            out.update(_error(exc))
+        out["time_total_s"] = time.perf_counter() - t0
+        self.trials_run += 1
+        return out
+
+    def finetune(self, plan_dict: dict, steps: int, *, seed: int = 0, save_to: Optional[str] = None,
+                 spec: Optional[str] = None, metadata: Optional[dict] = None) -> dict[str, Any]:
+        """Decompose, fine-tune ``steps`` steps, evaluate; optionally save the weights (autorank.save format)."""
+        out: dict[str, Any] = {"where": where(), "steps": int(steps)}
+        t0 = time.perf_counter()
+        try:
+            plan = Plan.from_dict(plan_dict)
+            model = self.build(plan)
+            zero_shot = out["zero_shot_score"] = self.evaluate(model)
+            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            t1 = time.perf_counter()
+            torch.manual_seed(seed)
+            trained = self.task.finetune(model, int(steps), seed=seed)
+            model = trained if isinstance(trained, nn.Module) else model
+            model.eval()
+            t2 = time.perf_counter()
+            out["finetuned_score"] = score = self.evaluate(model)
+            out["time_finetune_s"] = t2 - t1
+            if score < zero_shot:  # fine-tuning made it worse: keep the zero-shot weights
+                model.load_state_dict(before)
+                score = zero_shot
+                out["kept_zero_shot"] = True
+            out["score"] = score
+            if save_to is not None:
+                from autorank.export import save
+
+                save(model.to("cpu"), save_to, spec=spec, metadata=metadata)
+                out["weights"] = str(save_to)
+        except Exception as exc:
+            out.update(_error(exc))
+        out["time_total_s"] = time.perf_counter() - t0
+        return out
+
+    def materialize(self, plan_dict: dict, save_to: str, *, spec: Optional[str] = None, metadata: Optional[dict] = None) -> dict[str, Any]:
+        """Build a plan zero-shot and save it (autorank.save format), for front members not fine-tuned."""
+        out: dict[str, Any] = {"where": where()}
+        try:
+            from autorank.export import save
+
+            save(self.build(Plan.from_dict(plan_dict)).to("cpu"), save_to, spec=spec, metadata=metadata)
+            out["weights"] = str(save_to)
+        except Exception as exc:
+            out.update(_error(exc))
+        return out
+
+    def base_score(self) -> float:
+        return self.evaluate(self.model)
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    kind = type(exc).__name__
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc, MemoryError):
+        kind = "OutOfMemory"
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
+    logger.debug("trial failed: %s", "".join(traceback.format_exception(exc)))
+    return {"error": f"{kind}: {msg}"[:500], "error_type": kind}
