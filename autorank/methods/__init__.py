@@ -100,11 +100,13 @@ def _register_builtins() -> None:
     from autorank.methods.spatial_svd import SpatialSVD
     from autorank.methods.svd import SVD
     from autorank.methods.tucker2 import Tucker2
+    from autorank.methods.tt import TT
 
     register(SVD, aliases=("channel-svd", "lowrank"))
     register(SpatialSVD, aliases=("spatialsvd", "jaderberg"))
     register(Tucker2, aliases=("tucker", "tucker-2"))
     register(CP, aliases=("cp-als", "parafac"))
+    register(TT, aliases=("tensor-train", "tt-matrix"))
 
 
 _register_builtins()

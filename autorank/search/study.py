@@ -151,16 +151,7 @@ class InProcessExecutor:
 
     def submit(self, ticket: Any, kind: str, payload: dict) -> None:
         assert self.runner is not None
-        if kind == "zero_shot":
-            result = self.runner.zero_shot(payload["plan"])
-        elif kind == "save":
-            result = self.runner.materialize(payload["plan"], payload["save_to"], spec=payload.get("spec"), metadata=payload.get("metadata"))
-        elif kind == "finetune":
-            result = self.runner.finetune(payload["plan"], payload["steps"], seed=payload["seed"], save_to=payload.get("save_to"),
-                                          spec=payload.get("spec"), metadata=payload.get("metadata"))
-        else:  # pragma: no cover - programming error
-            raise ValueError(kind)
-        self._done.append((ticket, result))
+        self._done.append((ticket, self.runner.run(kind, payload)))
 
     def wait(self) -> list[tuple[Any, dict]]:
         done, self._done = self._done, []

@@ -105,6 +105,17 @@ class TrialRunner:
             return _finite_score(self.task.evaluate(model), "evaluate()")
 
     # ------------------------------------------------------------------ jobs
+    def run(self, kind: str, payload: dict) -> dict[str, Any]:
+        """Run one job by name: ``zero_shot``, ``finetune`` or ``save`` (the executors' single entry point)."""
+        if kind == "zero_shot":
+            return self.zero_shot(payload["plan"])
+        if kind == "save":
+            return self.materialize(payload["plan"], payload["save_to"], spec=payload.get("spec"), metadata=payload.get("metadata"))
+        if kind == "finetune":
+            return self.finetune(payload["plan"], payload["steps"], seed=payload["seed"], save_to=payload.get("save_to"),
+                                 spec=payload.get("spec"), metadata=payload.get("metadata"))
+        raise ValueError(f"unknown job kind {kind!r}")
+
     def zero_shot(self, plan_dict: dict) -> dict[str, Any]:
         """Score a plan without training. Never raises: failures come back with ``error``."""
         out: dict[str, Any] = {"where": where()}

@@ -19,12 +19,21 @@ other than a finite float is reported as an error in that trial, not a crash.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import nn
 
+from autorank.errors import TaskError
+
 __all__ = ["Task", "BaseTask"]
+
+#: the methods every task provides (``load_task`` names the missing ones)
+TASK_METHODS = ("setup", "example_inputs", "calibration_inputs", "evaluate", "finetune")
+#: the attributes every task provides
+TASK_ATTRIBUTES = ("name", "metric", "device")
 
 
 @runtime_checkable
@@ -100,3 +109,120 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+# ---------------------------------------------------------------------- helpers shared by the tasks
+def primary_output(output: Any, *, where: str = "model output") -> torch.Tensor:
+    """The tensor a task scores, out of whatever the model returned.
+
+    The rule: a tensor is itself; a tuple or list gives its first element; a
+    mapping (a dict, or a Hugging Face ``ModelOutput``) gives ``last_hidden_state``
+    if present, else ``logits`` if present, else its first tensor value. Anything
+    else raises :class:`~autorank.errors.TaskError` naming the type found.
+    """
+    seen = output
+    for _ in range(8):  # nested containers, bounded
+        if isinstance(seen, torch.Tensor):
+            return seen
+        if isinstance(seen, (tuple, list)):
+            if not seen:
+                break
+            seen = seen[0]
+        elif isinstance(seen, Mapping):
+            if isinstance(seen.get("last_hidden_state"), torch.Tensor):
+                return seen["last_hidden_state"]
+            if isinstance(seen.get("logits"), torch.Tensor):
+                return seen["logits"]
+            tensors = [v for v in seen.values() if isinstance(v, torch.Tensor)]
+            if not tensors:
+                break
+            return tensors[0]
+        else:
+            break
+    raise TaskError(
+        f"{where}: expected a tensor, a tuple whose first element is a tensor, or a dict/ModelOutput "
+        f"holding tensors; got {type(output).__name__}"
+    )
+
+
+def batch_length(inputs: Any) -> int:
+    """Number of samples in a batch (the first dimension of its first tensor)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 1
+    if isinstance(inputs, (tuple, list)):
+        for x in inputs:
+            if isinstance(x, (torch.Tensor, tuple, list, Mapping)):
+                return batch_length(x)
+    if isinstance(inputs, Mapping):
+        for x in inputs.values():
+            if isinstance(x, (torch.Tensor, tuple, list, Mapping)):
+                return batch_length(x)
+    raise TaskError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}: expected tensors")
+
+
+def slice_batch(inputs: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of a batch (tensor, tuple/list of tensors, or dict of tensors).
+
+    Non-tensor members (flags, ``None``) are kept as they are.
+    """
+    if isinstance(inputs, torch.Tensor):
+        return inputs[start:stop] if inputs.dim() else inputs
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(slice_batch(x, start, stop) for x in inputs)
+    if isinstance(inputs, Mapping):
+        return {k: slice_batch(v, start, stop) for k, v in inputs.items()}
+    return inputs
+
+
+def split_batches(batches: list, batch_size: Optional[int]) -> list:
+    """Each batch cut into pieces of at most ``batch_size`` samples (``None``: as given)."""
+    if batch_size is None:
+        return list(batches)
+    if int(batch_size) < 1:
+        raise TaskError(f"batch_size must be a positive integer, got {batch_size!r}")
+    out = []
+    for b in batches:
+        n = batch_length(b)
+        out.extend(slice_batch(b, i, i + int(batch_size)) for i in range(0, n, int(batch_size)))
+    return out
+
+
+OptimizerSpec = Union[str, Callable[..., torch.optim.Optimizer]]
+
+
+def make_optimizer(spec: OptimizerSpec, params: list, lr: float) -> torch.optim.Optimizer:
+    """An optimizer for ``params``: ``"adam"``, ``"adamw"``, ``"sgd"`` (momentum 0.9), or a
+    callable ``f(params, lr=lr)`` (a ``torch.optim`` class works as is)."""
+    if not params:
+        raise TaskError("the model has no trainable parameters (all have requires_grad=False)")
+    if callable(spec):
+        return spec(params, lr=lr)
+    name = str(spec).strip().lower()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise TaskError(f"unknown optimizer {spec!r}: use 'adam', 'adamw', 'sgd' or a callable f(params, lr=...)")
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: Union[str, torch.device] = "cpu") -> Iterator[None]:
+    """Run the block with torch's RNG seeded with ``seed``; the caller's RNG state is restored after.
+
+    Seeds what a loader's shuffling (a ``RandomSampler`` without its own generator),
+    dropout and random augmentations draw from.
+    """
+    devices: list[int] = []
+    if torch.device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    """Raise TaskError if ``t`` holds NaN or infinity."""
+    if t.is_floating_point() or t.is_complex():
+        if not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "infinite values"
+            raise TaskError(f"{where} contains {bad}")
