@@ -206,10 +206,14 @@ _DEFAULT: Optional[FactorCache] = None
 
 
 def default_cache() -> FactorCache:
-    """The process-wide cache used when none is given: memory only, or on disk under ``$AUTORANK_CACHE_DIR``."""
+    """The process-wide cache used when none is given: memory only, or on disk under ``$AUTORANK_CACHE_DIR/factors``.
+
+    (Other things live beside it in ``$AUTORANK_CACHE_DIR``: ``latency/`` tables, ``models/`` such as the trained demo.)
+    """
     global _DEFAULT
     if _DEFAULT is None:
-        directory = os.environ.get("AUTORANK_CACHE_DIR") or None
+        root = os.environ.get("AUTORANK_CACHE_DIR") or None
+        directory = os.path.join(root, "factors") if root else None
         max_bytes = int(os.environ.get("AUTORANK_CACHE_MAX_BYTES", 2 << 30))
         _DEFAULT = FactorCache(directory, max_bytes=max_bytes)
     return _DEFAULT

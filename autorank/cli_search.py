@@ -125,7 +125,7 @@ def cmd_search(args) -> int:
         result = search(
             args.model, args.task, budget=args.budget, space=args.space, trials=args.trials, out=out, seed=args.seed,
             sampler=args.sampler, finetune=args.finetune, finetune_steps=args.finetune_steps,
-            warm_start=not args.no_warm_start, executor=executor, progress=prog,
+            warm_start=not args.no_warm_start, sensitivity_points=args.sensitivity_points, executor=executor, progress=prog,
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -248,6 +248,8 @@ def add_commands(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="the same seed gives the same plans (default 0)")
     s.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "gp", "random"), help="Optuna sampler (default tpe)")
     s.add_argument("--no-warm-start", action="store_true", help="skip the sensitivity table and the baseline plans")
+    s.add_argument("--sensitivity-points", type=int, default=4, metavar="N",
+                   help="kept fractions probed per layer and method for the sensitivity table (default 4)")
     s.add_argument("--address", metavar="ADDR", help="Ray cluster to run trials on: auto, HOST:PORT (default: this process)")
     s.add_argument("--workers", type=int, default=1, help="concurrent trials (Ray workers; default 1)")
     s.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial on Ray (default 1)")

@@ -52,6 +52,7 @@ __all__ = [
     "Tolerance",
     "default_tolerance",
     "export_model",
+    "sidecar_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -225,7 +226,6 @@ def metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
     }
 
 
-
 # ====================================================================== export for deployment
 
 #: the formats :func:`export_model` writes
@@ -258,8 +258,9 @@ class Tolerance:
 # (MatMul+Add, LayerNorm, GELU, convolution algorithms), so float32 results differ by rounding
 # that grows with depth; measured here it is 1e-8..1e-6 on the CNNs and encoders autorank builds.
 # A wrong export (a missing or stale weight, train-mode batch norm or dropout, a wrong branch
-# traced) differs by 1e-2 or more, far above the tolerance. Half precisions have ~3 significant
-# digits; float64 is held to a tighter bound. Integer and boolean outputs must match exactly.
+# traced) moves outputs by a sizeable fraction of their magnitude, far above the tolerance. Half
+# precisions have ~3 significant digits; float64 is held to a tighter bound. Integer and boolean
+# outputs must match exactly.
 _TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float64: Tolerance(1e-6, 1e-5),
     torch.float32: Tolerance(1e-4, 1e-3),

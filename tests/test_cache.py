@@ -213,13 +213,14 @@ def test_disk_cache_is_shared_with_a_separate_process(tmp_path, count):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["misses"] == 3
-    entries = sorted(directory.rglob("*.pt"))
+    factors = directory / "factors"  # the default cache's entries live in $AUTORANK_CACHE_DIR/factors
+    entries = sorted(factors.rglob("*.pt"))
     assert len(entries) == 3
-    assert not [p for p in directory.rglob("*") if p.is_file() and p.suffix != ".pt"]  # no temporary files left
+    assert not [p for p in factors.rglob("*") if p.is_file() and p.suffix != ".pt"]  # no temporary files left
 
     calls = count("svd") + count("cp") + count("tucker2")
     model = autorank.load_model("demo")
-    cache = FactorCache(directory)
+    cache = FactorCache(factors)
     shared = autorank.decompose(model, DISK_PLAN, cache=cache)
     assert cache.disk_hits == 3 and cache.misses == 0 and calls == []
     for entry in entries:  # entries hold plain data only

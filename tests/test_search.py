@@ -190,7 +190,7 @@ def test_search_front_meets_the_budget_on_the_built_models(tmp_path):
         model = res.build(m, base)
         assert count_flops(model, (x,)) <= limit  # fvcore on the real model, not the estimate
         assert m.flops == count_flops(model, (x,))
-        assert m.weights and Path(m.weights).exists()
+        assert m.weights and res.weights_path(m).exists()
     assert any(m.finetuned for m in res.front) or all(r.get("finetune") is None for r in res.trials)
     # warm-start baselines ran first and their origins are recorded
     origins = [r["origin"] for r in res.trials]

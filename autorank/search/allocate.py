@@ -267,7 +267,7 @@ def greedy_plan(choices: dict[str, LayerChoice], cost: CostModel, sens: Sensitiv
     def plan_at(t: float) -> ChoicePlan:
         cp = {}
         for name, opts in per_layer.items():
-            ok = [c for s, c in opts if s >= t - 1e-12]
+            ok = [c for s, c in opts if s >= t - 1e-12 or c[0] == "none"]  # staying dense always qualifies
             cp[name] = min(ok, key=lambda c: cost.objective(cost.costs({name: c})))
         return cp
 

@@ -140,10 +140,18 @@ class SearchResult:
         from autorank.export import load
 
         member = self.member(member) if isinstance(member, int) else member
-        if not member.weights or not Path(member.weights).exists():
-            raise AutorankError(f"{self.run_dir}: the weights of trial {member.trial} are missing ({member.weights})")
+        path = self.weights_path(member)
+        if path is None or not path.exists():
+            raise AutorankError(f"{self.run_dir}: the weights of trial {member.trial} are missing ({path})")
         base = original if original is not None else self.model
-        return load(member.weights, model=base)
+        return load(path, model=base)
+
+    def weights_path(self, member: FrontMember) -> Optional[Path]:
+        """Where a member's weights are (stored relative to the run directory)."""
+        if not member.weights:
+            return None
+        p = Path(member.weights)
+        return p if p.is_absolute() else Path(self.run_dir) / p
 
     def export(self, member: Union[FrontMember, int], path: Union[str, Path], *, format: str = "pt", force: bool = False,
                example_inputs: Any = None):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import math
 import tempfile
@@ -183,6 +184,7 @@ def search(
     executor: Any = None,
     progress: Optional[Progress] = None,
     measure_latency: bool = True,
+    sensitivity: Union[Sensitivity, str, Path, None] = None,
 ):
     """Search per-layer methods and ranks for ``model`` under ``budget``; returns a :class:`SearchResult`.
 
@@ -195,7 +197,10 @@ def search(
     fine-tune, for ``finetune_steps`` steps each (default: the task's
     ``default_finetune_steps`` or 100). ``out``: the run directory (default: a new
     temporary directory). ``executor``: where trials run (default: in this
-    process; see :mod:`autorank.search.executor` for Ray).
+    process; see :mod:`autorank.search.executor` for Ray). ``sensitivity``: a
+    per-layer sensitivity table to reuse (a :class:`Sensitivity` or the
+    ``sensitivity.json`` of an earlier run of the same model and task) instead of
+    measuring it.
     """
     from autorank.search.result import build_front
     from autorank.tasks import load_task
@@ -276,6 +281,10 @@ def search(
         base = _base_score(run, executor, original, task)
         sens = None
         if warm_start:
+            if sensitivity is not None and run.read_json("sensitivity.json") is None:
+                if not isinstance(sensitivity, Sensitivity):
+                    sensitivity = Sensitivity.from_dict(json.loads(Path(sensitivity).read_text()))
+                run.write_json("sensitivity.json", sensitivity.to_dict())
             sens = _sensitivity(run, executor, choices, cost, base, sensitivity_points, emit)
             if not resuming or not study.trials:
                 _enqueue_warm_start(study, choices, cost, sens)
@@ -565,6 +574,8 @@ def _finetune_stage(study, run: RunDir, executor, k: int, steps: int, seed: int,
             "spec": model_spec, "metadata": {"trial": t.number, "run": str(run.path.resolve())},
         }
         res = _run_one(executor, "finetune", payload)
+        if res.get("weights"):
+            res["weights"] = _relative(run, t.number)
         rec["finetune"] = res
         run.write_trial(t.number, rec)
         done_n += 1
@@ -574,10 +585,15 @@ def _finetune_stage(study, run: RunDir, executor, k: int, steps: int, seed: int,
     return picks
 
 
+def _relative(run: RunDir, number: int) -> str:
+    """Weights paths are stored relative to the run directory, so that the directory can be moved."""
+    return run.weights_path(number).relative_to(run.path).as_posix()
+
+
 def _materialize_front(result, run: RunDir, executor, model_spec) -> None:
     """Weights for every front member (zero-shot members are built from their plan and saved)."""
     for member in result.front:
-        if member.weights and Path(member.weights).exists():
+        if member.weights and (run.path / member.weights).exists():
             continue
         path = run.weights_path(member.trial)
         res = _run_one(executor, "save", {"plan": member.plan.to_dict(), "save_to": str(path), "spec": model_spec,
@@ -585,9 +601,9 @@ def _materialize_front(result, run: RunDir, executor, model_spec) -> None:
         if "error" in res:
             logger.warning("could not save the weights of trial %d: %s", member.trial, res["error"])
             continue
-        member.weights = str(path)
+        member.weights = _relative(run, member.trial)
         rec = run.read_trial(member.trial) or {}
-        rec["weights"] = str(path)
+        rec["weights"] = member.weights
         run.write_trial(member.trial, rec)
 
 

@@ -1,0 +1,31 @@
+"""Tasks: how autorank scores, fine-tunes and feeds a model.
+
+- :class:`Task` — the protocol the search calls; :class:`BaseTask` — a convenient base.
+- :class:`ClassificationTask` — top-1 accuracy on labelled data, fine-tuning with cross-entropy.
+- :class:`FidelityTask` — label-free: agreement with the original model, distillation.
+- :func:`demo_task` — scikit-learn's 8×8 digits (the ``demo`` model's task).
+- :func:`minilm_task` — sentence-embedding fidelity for the ``minilm`` model.
+- :func:`load_task` — a task from a spec (built-in name, ``module:callable``, ``file.py:callable``).
+"""
+
+from __future__ import annotations
+
+from autorank.errors import TaskError
+from autorank.tasks.base import BaseTask, Task
+from autorank.tasks.classification import ClassificationTask
+from autorank.tasks.demo import demo_task
+from autorank.tasks.fidelity import FidelityTask
+from autorank.tasks.loader import load_task
+from autorank.tasks.text import minilm_task  # transformers is imported only when a MiniLM is loaded
+
+__all__ = [
+    "BaseTask",
+    "ClassificationTask",
+    "FidelityTask",
+    "Task",
+    "TaskError",
+    "demo_task",
+    "load_task",
+    "minilm_task",
+]
+
