@@ -96,10 +96,13 @@ def for_layer(module: nn.Module) -> dict[str, Optional[str]]:
 
 
 def _register_builtins() -> None:
+    from autorank.methods.btd import BTD
     from autorank.methods.cp import CP
+    from autorank.methods.dcf import DCF
     from autorank.methods.spatial_svd import SpatialSVD
     from autorank.methods.svd import SVD
     from autorank.methods.tucker2 import Tucker2
+    from autorank.methods.tr import TR
     from autorank.methods.tt import TT
 
     register(SVD, aliases=("channel-svd", "lowrank"))
@@ -107,6 +110,9 @@ def _register_builtins() -> None:
     register(Tucker2, aliases=("tucker", "tucker-2"))
     register(CP, aliases=("cp-als", "parafac"))
     register(TT, aliases=("tensor-train", "tt-matrix"))
+    register(TR, aliases=("tensor-ring", "tr-matrix"))
+    register(BTD, aliases=("block-term", "block-term-decomposition"))
+    register(DCF, aliases=("dcfnet", "dct"))
 
 
 _register_builtins()

@@ -189,6 +189,10 @@ class ClassificationTask(BaseTask):
         if steps <= 0:
             return model.eval()
         opt = make_optimizer(self.optimizer, [p for p in model.parameters() if p.requires_grad], self.lr)
+        # cosine decay to zero over the run: short fine-tunes of a decomposed model keep what the
+        # data-aware initialisation got right (measured on the digits demo: a constant lr of 1e-3
+        # took a 98.1% plan down to 88.9% in 100 steps, the cosine schedule up to 98.3%)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
         done = 0
         model.train()
         try:
@@ -206,6 +210,7 @@ class ClassificationTask(BaseTask):
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
+                        sched.step()
                         done += 1
                         if done >= steps:
                             break
