@@ -3,6 +3,10 @@
 Public API::
 
     import autorank
+    result = autorank.search(model, task, budget="30%flops", trials=40, out="runs/mine")
+    result.front                                           # Pareto front, sorted by cost
+    result.export(result.pick("best"), "small.onnx", format="onnx")
+
     plan = autorank.Plan.uniform(model, "svd", 0.5)       # or a JSON file
     small = autorank.decompose(model, plan, calibration=x)
     autorank.save(small, "small.pt")
@@ -23,7 +27,42 @@ from autorank.zoo import load_model
 
 __version__ = "0.1.0"
 
+# the search pulls in Optuna (and the tasks, scikit-learn): imported on first use
+_LAZY = {
+    "search": ("autorank.search", "search"),
+    "SearchResult": ("autorank.search", "SearchResult"),
+    "SearchSpace": ("autorank.search", "SearchSpace"),
+    "Task": ("autorank.tasks", "Task"),
+    "BaseTask": ("autorank.tasks", "BaseTask"),
+    "ClassificationTask": ("autorank.tasks", "ClassificationTask"),
+    "FidelityTask": ("autorank.tasks", "FidelityTask"),
+    "Budget": ("autorank.cost.budget", "Budget"),
+    "parse_budget": ("autorank.cost.budget", "parse_budget"),
+    "export_model": ("autorank.export", "export_model"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'autorank' has no attribute {name!r}")
+
 __all__ = [
+    "search",
+    "SearchResult",
+    "SearchSpace",
+    "Task",
+    "BaseTask",
+    "ClassificationTask",
+    "FidelityTask",
+    "Budget",
+    "parse_budget",
+    "export_model",
     "AutorankError",
     "Calibration",
     "FactorCache",

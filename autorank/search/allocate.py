@@ -27,7 +27,7 @@ from autorank.search.space import LayerChoice
 logger = logging.getLogger("autorank")
 
 __all__ = [
-    "ChoicePlan", "CostModel", "Sensitivity", "repair", "to_plan", "uniform_plan", "greedy_plan",
+    "ChoicePlan", "CostModel", "Sensitivity", "repair", "local_moves", "fill", "to_plan", "uniform_plan", "greedy_plan",
     "lagrangian_plan", "dense_plan", "describe_plan",
 ]
 
@@ -173,6 +173,7 @@ def repair(
     choices: dict[str, LayerChoice],
     cost: CostModel,
     penalty: Callable[[str, tuple[str, float]], float],
+    frozen: frozenset = frozenset(),
 ) -> tuple[ChoicePlan, bool]:
     """Shrink ``cp`` until it fits the budget; returns ``(plan, fits)``.
 
@@ -188,6 +189,8 @@ def repair(
     while viol > 1e-12:
         best = None
         for name, ch in choices.items():
+            if name in frozen:
+                continue
             method, rho = cur[name]
             if method == "none":
                 moves = [(m, ch.rhos[-1]) for m in ch.methods if m != "none"]
@@ -212,6 +215,34 @@ def repair(
         viol = cost.violation(costs)
         steps += 1
     return cur, True
+
+
+def local_moves(
+    best: ChoicePlan,
+    choices: dict[str, LayerChoice],
+    cost: CostModel,
+    penalty: Callable[[str, tuple[str, float]], float],
+) -> list[ChoicePlan]:
+    """Neighbours of a good plan, most promising first: one layer gets one more ρ step (or stays
+    dense, or switches method at the same ρ), the others pay for it where it hurts least
+    (:func:`repair` with that layer frozen), and budget left over is spent (:func:`fill`)."""
+    options = {n: [("none", ch.rhos[-1])] + [(m, r) for m in ch.methods if m != "none" for r in ch.rhos] for n, ch in choices.items()}
+    out: list[ChoicePlan] = []
+    for name in sorted(best, key=lambda n: -penalty(n, best[n])):
+        method, rho = best[name]
+        if method == "none":
+            continue
+        ch = choices[name]
+        i = _index(ch.rhos, rho)
+        ups = [(method, ch.rhos[i + 1])] if i + 1 < len(ch.rhos) else [("none", ch.rhos[-1])]
+        ups += [(m, rho) for m in ch.methods if m not in ("none", method)]
+        for up in ups:
+            cand = dict(best)
+            cand[name] = up
+            fixed, fits = repair(cand, choices, cost, penalty, frozen=frozenset({name}))
+            if fits:
+                out.append(fill(fixed, options, cost, penalty))
+    return out
 
 
 def _index(grid: tuple[float, ...], rho: float) -> int:

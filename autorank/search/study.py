@@ -43,6 +43,7 @@ from autorank.search.allocate import (
     describe_plan,
     greedy_plan,
     lagrangian_plan,
+    local_moves,
     penalty_fn,
     probe_rhos,
     repair,
@@ -185,6 +186,7 @@ def search(
     progress: Optional[Progress] = None,
     measure_latency: bool = True,
     sensitivity: Union[Sensitivity, str, Path, None] = None,
+    local_every: int = 3,
 ):
     """Search per-layer methods and ranks for ``model`` under ``budget``; returns a :class:`SearchResult`.
 
@@ -200,7 +202,8 @@ def search(
     process; see :mod:`autorank.search.executor` for Ray). ``sensitivity``: a
     per-layer sensitivity table to reuse (a :class:`Sensitivity` or the
     ``sensitivity.json`` of an earlier run of the same model and task) instead of
-    measuring it.
+    measuring it. ``local_every``: after this many sampler trials, one local move
+    around the best plan so far (0: none; only with ``warm_start``).
     """
     from autorank.search.result import build_front
     from autorank.tasks import load_task
@@ -260,8 +263,13 @@ def search(
     if budget.needs_latency:
         latency = _latency_table(original, profile, choices, task, space, emit)
     cost = CostModel(profile, budget, space.align, latency)
-    if not cost.fits(cost.costs(_smallest(choices))):
-        raise BudgetError(f"budget {budget.text()!r} cannot be met by any plan of search space {space.source}")
+    cheapest = _cheapest(choices, cost)
+    if not cost.fits(cost.costs(cheapest)):
+        reached = ", ".join(f"{m} {100 * v:.1f}%" for m, v in cost.ratios(cost.costs(cheapest)).items())
+        raise BudgetError(
+            f"budget {budget.text()!r} cannot be met by any plan of search space {space.source}: "
+            f"the cheapest plan reaches {reached} of the original"
+        )
 
     # ---- workers
     executor = executor or InProcessExecutor()
@@ -289,7 +297,7 @@ def search(
             if not resuming or not study.trials:
                 _enqueue_warm_start(study, choices, cost, sens)
         penalty = penalty_fn(sens)
-        _run_trials(study, run, executor, choices, space, cost, penalty, trials, emit, t_start)
+        _run_trials(study, run, executor, choices, space, cost, penalty, trials, emit, t_start, local_every if warm_start else 0)
         _finetune_stage(study, run, executor, finetune, steps, seed, model_spec, emit, t_start)
         result = build_front(run, study, cost, budget, base)
         _materialize_front(result, run, executor, model_spec)
@@ -312,9 +320,13 @@ def _version() -> str:
         return "unknown"
 
 
-def _smallest(choices: dict[str, LayerChoice]) -> ChoicePlan:
-    """A cheap plan for the feasibility check (each layer's first method at its smallest ρ)."""
-    return {n: (ch.methods[1], ch.rhos[0]) for n, ch in choices.items()}
+def _cheapest(choices: dict[str, LayerChoice], cost: CostModel) -> ChoicePlan:
+    """Per layer, the option (dense included) that costs least over the budget's metrics, relative to their limits."""
+    out: ChoicePlan = {}
+    for n, ch in choices.items():
+        opts = [("none", ch.rhos[-1])] + [(m, r) for m in ch.methods if m != "none" for r in ch.rhos]
+        out[n] = min(opts, key=lambda o: sum(v / cost.limits[m] for m, v in cost.layer_delta(n, o).items() if m in cost.limits))
+    return out
 
 
 def _recover_interrupted(study: optuna.Study, run: RunDir, cost: Optional[CostModel] = None) -> None:
@@ -441,7 +453,22 @@ def _enqueue_warm_start(study, choices, cost, sens) -> None:
         logger.info("warm start: %s (%s)", origin, describe_plan(cp))
 
 
-def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, penalty, total: int, emit: Progress, t_start: float) -> None:
+def _key(cp: ChoicePlan) -> tuple:
+    return tuple(sorted((n, m, round(float(r), 6)) for n, (m, r) in cp.items()))
+
+
+def _waiting(study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
+def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, penalty, total: int, emit: Progress,
+                t_start: float, local_every: int = 3) -> None:
+    """Ask, repair, run, tell until ``total`` trials have finished.
+
+    Every ``local_every`` sampler trials, a local move around the best plan so far
+    (:func:`~autorank.search.allocate.local_moves`) is queued: the sampler explores,
+    the local moves exploit what the sensitivity table says about the best plan.
+    """
     S = optuna.trial.TrialState
     finished = len(_finished(study))
     failed = sum(1 for t in _finished(study) if t.state == S.FAIL)
@@ -449,13 +476,32 @@ def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, p
     t0 = time.perf_counter()
     started_with = finished
     conc = max(1, getattr(executor, "concurrency", 1))
+    # plans tried so far and the scores of finished ones: for local moves around the best
+    tried: set = set()
+    scored: list[tuple[float, float, ChoicePlan]] = []
+    for r in run.trial_records().values():
+        cp_r = {n: (c[0], float(c[1])) for n, c in (r.get("choice") or {}).items()}
+        tried.add(_key(cp_r))
+        if r.get("state") == "COMPLETE" and r.get("feasible", True):
+            scored.append((r["score"], -cost.objective(r["costs"]), cp_r))
+    since_local = 0
     while finished + len(inflight) < total or inflight:
         while finished + len(inflight) < total and len(inflight) < conc:
+            if local_every and since_local >= local_every and scored and not _waiting(study):
+                since_local = 0
+                best = max(scored, key=lambda t: (t[0], t[1]))[2]
+                for move in local_moves(best, choices, cost, penalty):
+                    if _key(move) not in tried:
+                        study.enqueue_trial(choice_to_params(move), user_attrs={"origin": "local"})
+                        break
             trial = study.ask()
             cp = suggest(trial, choices, space)
             fixed, fits = repair(cp, choices, cost, penalty)
             costs = cost.costs(fixed)
             plan = to_plan(fixed, cost)
+            tried.add(_key(fixed))
+            if trial.user_attrs.get("origin", "sampler") == "sampler":
+                since_local += 1
             record = {
                 "number": trial.number,
                 "origin": trial.user_attrs.get("origin", "sampler"),
@@ -492,6 +538,9 @@ def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, p
             else:
                 record["state"] = "COMPLETE"
                 run.write_trial(number, record)
+                if record.get("feasible", True):
+                    scored.append((res["score"], -cost.objective(record["costs"]),
+                                   {n: (c[0], float(c[1])) for n, c in record["choice"].items()}))
                 study.tell(trial, [res["score"], cost.objective(record["costs"])])
             finished += 1
             done_now = finished - started_with
