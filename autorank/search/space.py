@@ -37,7 +37,8 @@ _REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 _PKG_SPACES = Path(__file__).resolve().parent / "spaces"
 SPACES_DIR = _REPO_SPACES if _REPO_SPACES.is_dir() else _PKG_SPACES
 
-_TOP_KEYS = {"methods", "rho", "align", "layers", "description"}
+_TOP_KEYS = {"methods", "rho", "align", "layers", "description", "training"}
+_TRAINING_KEYS = {"bn_between_factors", "force_regularization", "fixed_point"}
 _LAYER_KEYS = {"include", "exclude", "types", "min_params", "min_flops"}
 _TYPES = {"Linear", "Conv2d", "Conv1D"}
 
@@ -68,6 +69,8 @@ class SearchSpace:
     min_flops: int = 0
     source: str = "<dict>"
     description: str = ""
+    #: training-time options of the fine-tuning stage (see autorank.training)
+    training: dict = field(default_factory=dict)
     _compiled: Any = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ loading
@@ -135,17 +138,19 @@ class SearchSpace:
                 raise SpaceError(f"{source}: key 'layers.{key}': expected a number >= 0, got {v!r}")
             mins[key] = int(v)
         desc = data.get("description", "")
+        training = _training(data.get("training") or {}, source)
         return cls(
             methods=methods, rhos=rhos, rho_step=step, align=align, include=tuple(include), exclude=tuple(exclude),
             types=tuple(types), min_params=mins["min_params"], min_flops=mins["min_flops"], source=source,
-            description=str(desc or ""),
+            description=str(desc or ""), training=training,
         )
 
     def to_dict(self) -> dict[str, Any]:
         rho: Any = list(self.rhos)
         if self.rho_step is not None:
             rho = {"min": self.rhos[0], "max": self.rhos[-1], "step": self.rho_step}
-        return {
+        out: dict[str, Any] = {"training": dict(self.training)} if self.training else {}
+        return out | {
             "methods": list(self.methods),
             "rho": rho,
             "align": self.align,
@@ -242,6 +247,39 @@ def _rhos(value: Any, source: str) -> tuple[tuple[float, ...], Optional[float]]:
             raise SpaceError(f"{source}: key 'rho': {v!r} is not a fraction in (0, 1]")
         out.append(float(v))
     return tuple(sorted(set(out))), None
+
+
+def _training(value: Any, source: str) -> dict[str, Any]:
+    """``training: {bn_between_factors: bool, force_regularization: false | {steps, strength}, fixed_point: null | 8}``."""
+    if not isinstance(value, dict):
+        raise SpaceError(f"{source}: key 'training': expected a mapping with keys {sorted(_TRAINING_KEYS)}, got {value!r}")
+    unknown = set(value) - _TRAINING_KEYS
+    if unknown:
+        raise SpaceError(f"{source}: key 'training': unknown key(s) {sorted(unknown)}; expected some of {sorted(_TRAINING_KEYS)}")
+    out: dict[str, Any] = {}
+    bn = value.get("bn_between_factors", False)
+    if not isinstance(bn, bool):
+        raise SpaceError(f"{source}: key 'training.bn_between_factors': expected true or false, got {bn!r}")
+    if bn:
+        out["bn_between_factors"] = True
+    fr = value.get("force_regularization", False)
+    if fr is True:
+        fr = {}
+    if fr not in (False, None):
+        if not isinstance(fr, dict) or set(fr) - {"steps", "strength"}:
+            raise SpaceError(f"{source}: key 'training.force_regularization': expected false, true or {{steps: N, strength: S}}, got {fr!r}")
+        steps, strength = fr.get("steps", 50), fr.get("strength", 0.05)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise SpaceError(f"{source}: key 'training.force_regularization.steps': expected a positive integer, got {steps!r}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise SpaceError(f"{source}: key 'training.force_regularization.strength': expected a number in (0, 1], got {strength!r}")
+        out["force_regularization"] = {"steps": steps, "strength": float(strength)}
+    fp = value.get("fixed_point")
+    if fp is not None:
+        if isinstance(fp, bool) or fp not in (4, 8):
+            raise SpaceError(f"{source}: key 'training.fixed_point': expected null, 8 or 4 (bits), got {fp!r}")
+        out["fixed_point"] = int(fp)
+    return out
 
 
 def _patterns(value: Any, source: str, key: str) -> list[str]:

@@ -298,7 +298,7 @@ def search(
                 _enqueue_warm_start(study, choices, cost, sens)
         penalty = penalty_fn(sens)
         _run_trials(study, run, executor, choices, space, cost, penalty, trials, emit, t_start, local_every if warm_start else 0)
-        _finetune_stage(study, run, executor, finetune, steps, seed, model_spec, emit, t_start)
+        _finetune_stage(study, run, executor, finetune, steps, seed, model_spec, emit, t_start, space.training)
         result = build_front(run, study, cost, budget, base)
         _materialize_front(result, run, executor, model_spec)
     finally:
@@ -605,7 +605,8 @@ def _feasible(t) -> bool:
     return all(float(v) <= 1e-12 for v in vals)
 
 
-def _finetune_stage(study, run: RunDir, executor, k: int, steps: int, seed: int, model_spec, emit: Progress, t_start: float) -> list:
+def _finetune_stage(study, run: RunDir, executor, k: int, steps: int, seed: int, model_spec, emit: Progress, t_start: float,
+                    training: Optional[dict] = None) -> list:
     if k <= 0 or steps <= 0:
         return []
     picks = promising(study, k)
@@ -619,7 +620,7 @@ def _finetune_stage(study, run: RunDir, executor, k: int, steps: int, seed: int,
     for t, rec in todo:
         emit({"phase": "finetune", "done": done_n, "total": len(picks), "trial": t.number, "elapsed_s": time.perf_counter() - t_start})
         payload = {
-            "plan": rec["plan"], "steps": steps, "seed": seed, "save_to": str(run.weights_path(t.number)),
+            "plan": rec["plan"], "steps": steps, "seed": seed, "save_to": str(run.weights_path(t.number)), "training": training,
             "spec": model_spec, "metadata": {"trial": t.number, "run": str(run.path.resolve())},
         }
         res = _run_one(executor, "finetune", payload)

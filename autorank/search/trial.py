@@ -113,7 +113,7 @@ class TrialRunner:
             return self.materialize(payload["plan"], payload["save_to"], spec=payload.get("spec"), metadata=payload.get("metadata"))
         if kind == "finetune":
             return self.finetune(payload["plan"], payload["steps"], seed=payload["seed"], save_to=payload.get("save_to"),
-                                 spec=payload.get("spec"), metadata=payload.get("metadata"))
+                                 spec=payload.get("spec"), metadata=payload.get("metadata"), training=payload.get("training"))
         raise ValueError(f"unknown job kind {kind!r}")
 
     def zero_shot(self, plan_dict: dict) -> dict[str, Any]:
@@ -135,8 +135,12 @@ class TrialRunner:
         return out
 
     def finetune(self, plan_dict: dict, steps: int, *, seed: int = 0, save_to: Optional[str] = None,
-                 spec: Optional[str] = None, metadata: Optional[dict] = None) -> dict[str, Any]:
-        """Decompose, fine-tune ``steps`` steps, evaluate; optionally save the weights (autorank.save format)."""
+                 spec: Optional[str] = None, metadata: Optional[dict] = None, training: Optional[dict] = None) -> dict[str, Any]:
+        """Decompose, fine-tune ``steps`` steps, evaluate; optionally save the weights (autorank.save format).
+
+        ``training``: the search space's training-time options (``bn_between_factors``,
+        ``force_regularization``, ``fixed_point``; see :mod:`autorank.training`).
+        """
         out: dict[str, Any] = {"where": where(), "steps": int(steps)}
         t0 = time.perf_counter()
         try:
