@@ -34,7 +34,7 @@ FAST = dict(sensitivity_points=2, measure_latency=False)
 # ---------------------------------------------------------------------- spaces
 def test_builtin_spaces_load_and_are_shipped_in_the_package():
     assert {"default", "cnn", "transformer"} <= set(builtin_spaces())
-    for name in ("default", "cnn", "transformer"):
+    for name in ("default", "cnn", "transformer", "all"):
         sp = SearchSpace.load(name)
         assert sp.methods[0] == "none" and len(sp.methods) >= 2
         assert all(0 < r <= 1 for r in sp.rhos)
