@@ -188,7 +188,7 @@ def decompose(
     for i, rl in enumerate(resolved):
         stats = cal.get(rl.name) if (cal is not None and rl.method.data_aware) else None
         factors = cache.get(rl.method, rl.module, stats, rl.rank, rl.options)
-        replacements[rl.name] = rl.method.build(rl.module, factors, rl.rank, rl.options)
+        replacements[rl.name] = _restore(rl.method.build(rl.module, factors, rl.rank, rl.options), rl.options)
         if progress is not None:
             progress(i + 1, total, rl.name)
     return _copy_with(model, replacements)
@@ -233,8 +233,17 @@ def apply_skeleton(model: nn.Module, plan: Plan) -> nn.Module:
         method = registry.get(lp.method)
         method.check_applies(module, name)
         rank = method.normalize_rank(registry.layer_spec(module), lp.rank, name)
-        set_submodule(model, name, method.build(module, None, rank, lp.options))
+        set_submodule(model, name, _restore(method.build(module, None, rank, lp.options), lp.options))
     return model
+
+
+def _restore(replacement: Decomposed, options: Optional[dict]) -> Decomposed:
+    """Apply a plan entry's training-time options (``bias_after_fold``, ``fixed_point``; see autorank.training)."""
+    if options and (options.get("bias_after_fold") or options.get("fixed_point")):
+        from autorank.training import restore_structure
+
+        restore_structure(replacement, options)
+    return replacement
 
 
 def _has(model: nn.Module, name: str) -> bool:

@@ -97,6 +97,8 @@ def dense_cost(module_or_spec, input_shape: Optional[Sequence[int]] = None) -> C
 #: options every method accepts in a plan entry
 COMMON_OPTIONS: dict[str, str] = {
     "align": "round a rank given as a fraction ρ down to a multiple of this (8 or 16 suit GPUs), never below it",
+    "fixed_point": "bits (2..8): factors stored as int8 codes with per-channel scales (autorank.training)",
+    "bias_after_fold": "indices of factors that carry a bias after batch-norm folding (autorank.training)",
 }
 
 
@@ -331,6 +333,13 @@ class BaseMethod:
         align = options.get("align")
         if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
             raise PlanError(f"{where}method {self.name!r}: option align must be a positive integer (e.g. 8), got {align!r}")
+        bits = options.get("fixed_point")
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
+            raise PlanError(f"{where}method {self.name!r}: option fixed_point must be a number of bits in 2..8, got {bits!r}")
+        folded = options.get("bias_after_fold")
+        if folded is not None and (not isinstance(folded, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in folded)):
+            raise PlanError(f"{where}method {self.name!r}: option bias_after_fold must be a list of factor indices, got {folded!r}")
         try:
             self._check_options(options)
         except (TypeError, ValueError) as exc:

@@ -25,6 +25,7 @@ from autorank.calibration import Calibration, collect
 from autorank.errors import AutorankError
 from autorank.plan import Plan
 from autorank.surgery import decompose
+from autorank.training import apply_training, deployed_zero_shot, model_bytes
 
 logger = logging.getLogger("autorank")
 
@@ -147,20 +148,26 @@ class TrialRunner:
             plan = Plan.from_dict(plan_dict)
             model = self.build(plan)
             zero_shot = out["zero_shot_score"] = self.evaluate(model)
-            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
             t1 = time.perf_counter()
             torch.manual_seed(seed)
-            trained = self.task.finetune(model, int(steps), seed=seed)
-            model = trained if isinstance(trained, nn.Module) else model
-            model.eval()
+            model, applied = apply_training(self.model, plan, self.task, training, steps=int(steps), seed=seed,
+                                            calibration=self.calibration, cache=self.cache, decomposed=model)
+            model = model.to(self.device).eval()
             t2 = time.perf_counter()
             out["finetuned_score"] = score = self.evaluate(model)
             out["time_finetune_s"] = t2 - t1
-            if score < zero_shot:  # fine-tuning made it worse: keep the zero-shot weights
-                model.load_state_dict(before)
-                score = zero_shot
+            if applied:
+                out["training"] = applied
+            # the zero-shot model in the form the options deliver (fixed point: quantised without training)
+            baseline, fallback = zero_shot, deployed_zero_shot(lambda: self.build(plan), training)
+            if fallback is not None:
+                baseline = out["zero_shot_deployed_score"] = self.evaluate(fallback)
+            if score < baseline:  # fine-tuning made it worse: keep the zero-shot weights (rebuilt: the structures differ)
+                model = fallback if fallback is not None else self.build(plan)
+                score = baseline
                 out["kept_zero_shot"] = True
             out["score"] = score
+            out["bytes"] = model_bytes(model)
             if save_to is not None:
                 from autorank.export import save
 
