@@ -120,10 +120,21 @@ def cmd_search(args) -> int:
 
         executor = RayExecutor(address=args.address, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
                                gpus_per_trial=args.gpus_per_trial, resources=_resources(args.resources))
+    from autorank.search import SearchSpace
+
+    space = SearchSpace.load(args.space)
+    if args.bn_between_factors:
+        space.training["bn_between_factors"] = True
+    if args.force_reg:
+        space.training["force_regularization"] = {"steps": 50, "strength": 0.05}
+    if args.fixed_point is not None:
+        if args.fixed_point not in (4, 8):
+            raise CLIError(f"--fixed-point {args.fixed_point}: expected 8 or 4 (bits)")
+        space.training["fixed_point"] = args.fixed_point
     t0 = time.perf_counter()
     with _Progress(args.quiet or args.json) as prog:
         result = search(
-            args.model, args.task, budget=args.budget, space=args.space, trials=args.trials, out=out, seed=args.seed,
+            args.model, args.task, budget=args.budget, space=space, trials=args.trials, out=out, seed=args.seed,
             sampler=args.sampler, finetune=args.finetune, finetune_steps=args.finetune_steps,
             warm_start=not args.no_warm_start, sensitivity_points=args.sensitivity_points, executor=executor, progress=prog,
         )
@@ -250,6 +261,11 @@ def add_commands(sub) -> None:
     s.add_argument("--no-warm-start", action="store_true", help="skip the sensitivity table and the baseline plans")
     s.add_argument("--sensitivity-points", type=int, default=4, metavar="N",
                    help="kept fractions probed per layer and method for the sensitivity table (default 4)")
+    s.add_argument("--bn-between-factors", action="store_true",
+                   help="fine-tune with batch norm between the factors, folded back before saving (Tai et al. 2015)")
+    s.add_argument("--force-reg", action="store_true",
+                   help="pull each planned layer toward its low-rank subspace before decomposing (Wen et al. 2017)")
+    s.add_argument("--fixed-point", type=int, metavar="BITS", help="factors in fixed point (8), learned in fine-tuning, stored as int8")
     s.add_argument("--address", metavar="ADDR", help="Ray cluster to run trials on: auto, HOST:PORT (default: this process)")
     s.add_argument("--workers", type=int, default=1, help="concurrent trials (Ray workers; default 1)")
     s.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial on Ray (default 1)")

@@ -173,3 +173,26 @@ def test_every_command_help_shows_examples(tmp_path):
     for cmd in ("search", "front", "export", "decompose", "profile", "plan", "methods"):
         p = run_cli(cmd, "--help", cwd=tmp_path)
         assert p.returncode == 0 and "examples:" in p.stdout, cmd
+
+
+def test_training_time_options_from_the_command_line(tmp_path):
+    """--fixed-point 8 --bn-between-factors: the fine-tuned member is stored with int8 factors, BN folded away."""
+    out = tmp_path / "fp"
+    p = run_cli("search", "--model", "tests.search_toys:toy_cnn", "--task", "tests.search_toys:toy_task", "--budget", "30%flops",
+                "--trials", "4", "--finetune", "1", "--sensitivity-points", "2", "--fixed-point", "8", "--bn-between-factors",
+                "--out", str(out), "-q", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["space"]["training"] == {"bn_between_factors": True, "fixed_point": 8}
+    tuned = [json.loads(q.read_text()) for q in (out / "trials").glob("*.json")]
+    tuned = [r for r in tuned if r.get("finetune")]
+    assert tuned and "error" not in tuned[0]["finetune"], tuned[0].get("finetune")
+    from autorank.export import read
+
+    blob = read(out / tuned[0]["finetune"]["weights"])
+    dtypes = {v.dtype for v in blob["state_dict"].values()}
+    assert torch.int8 in dtypes
+    assert not any("running_mean" in k for k in blob["state_dict"])  # the BNs were folded back
+    bad = run_cli("search", "--model", "tests.search_toys:toy_cnn", "--task", "tests.search_toys:toy_task", "--budget", "30%flops",
+                  "--fixed-point", "3", "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert_one_line_error(bad, "--fixed-point")
