@@ -61,10 +61,14 @@ def _spread(xs):
     return (max(xs) - min(xs)) if xs else float("nan")
 
 
-def run_model(name, model, task, *, budgets, seeds, trials, space, workdir, floor, samplers=False):
+def run_model(name, model, task, *, budgets, seeds, trials, space, workdir, floor, samplers=False, samplers_only=False):
     out = {"model": name, "trials": trials, "budgets": {}}
     sens = None
-    for b in budgets:
+    if samplers_only:
+        ref = search(model, task, out=workdir / f"{name}-sens", budget=f"{int(budgets[0] * 100)}%flops", space=space, trials=1,
+                     finetune=0, measure_latency=False)
+        sens = Sensitivity.from_dict(json.loads((ref.run_dir / "sensitivity.json").read_text()))
+    for b in ([] if samplers_only else budgets):
         row = {"autorank": [], "random": [], "hv_autorank": [], "hv_random": [], "first_beat": [], "baselines": {}}
         for seed in seeds:
             t0 = time.perf_counter()
@@ -87,17 +91,21 @@ def run_model(name, model, task, *, budgets, seeds, trials, space, workdir, floo
                   f"best baseline {best_base:.4f} first beat at trial {first} ({t_ar:.0f} s)", flush=True)
         out["budgets"][b] = row
     if samplers:
+        # each sampler as autorank runs it (warm start, local moves) and bare (no warm start), first budget
         out["samplers"] = {}
-        b = budgets[0]
-        for smp in ("tpe", "nsga2", "gp", "random"):
-            vals, hvs = [], []
-            for seed in seeds:
-                r = search(model, task, out=workdir / f"{name}-s-{smp}-{seed}", budget=f"{int(b * 100)}%flops", space=space,
-                           trials=trials, finetune=0, seed=seed, sampler=smp, warm_start=False, measure_latency=False)
-                vals.append(_best(r.trials))
-                hvs.append(_hv(r.trials, b, floor))
-            out["samplers"][smp] = {"best": vals, "hv": hvs}
-            print(f"  sampler {smp}: best {statistics.median(vals):.4f} hv {statistics.median(hvs):.4f}", flush=True)
+        for b in budgets[:1]:
+            for warm in (True, False):
+                for smp in ("tpe", "nsga2", "gp", "random"):
+                    vals, hvs = [], []
+                    for seed in seeds:
+                        r = search(model, task, out=workdir / f"{name}-s-{smp}-{b}-{warm}-{seed}", budget=f"{int(b * 100)}%flops",
+                                   space=space, trials=trials, finetune=0, seed=seed, sampler=smp, warm_start=warm,
+                                   measure_latency=False, sensitivity=sens if warm else None)
+                        vals.append(_best(r.trials))
+                        hvs.append(_hv(r.trials, b, floor))
+                    out["samplers"][f"{smp}|{b}|{'warm' if warm else 'bare'}"] = {"best": vals, "hv": hvs}
+                    print(f"  sampler {smp} {b:.0%} {'warm' if warm else 'bare'}: best {statistics.median(vals):.4f} "
+                          f"hv {statistics.median(hvs):.4f}", flush=True)
     return out
 
 
@@ -121,10 +129,12 @@ def table(res) -> str:
             f"| {statistics.median(fb) if fb else 'never'} ({len(fb)}/{len(row['first_beat'])} seeds) |"
         )
     if "samplers" in res:
-        lines.append("\nSampler comparison (no warm start, first budget): median best score / hypervolume")
-        lines.append("\n| sampler | best | HV |\n|---|---|---|")
-        for smp, d in res["samplers"].items():
-            lines.append(f"| {smp} | {statistics.median(d['best']):.4f} | {statistics.median(d['hv']):.4f} |")
+        lines.append("\nSampler comparison (median best score / hypervolume; warm = as autorank runs it, bare = sampler alone)")
+        lines.append("\n| sampler | budget | start | best | HV |\n|---|---|---|---|---|")
+        for key, d in res["samplers"].items():
+            smp, b, warm = key.split("|")
+            lines.append(f"| {smp} | {float(b):.0%} | {warm} | {statistics.median(d['best']):.4f} ± {_spread(d['best']):.4f} "
+                         f"| {statistics.median(d['hv']):.4f} ± {_spread(d['hv']):.4f} |")
     return "\n".join(lines)
 
 
@@ -136,10 +146,14 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--minilm-trials", type=int, default=30)
     ap.add_argument("--samplers", action="store_true", help="also compare samplers on the demo")
+    ap.add_argument("--samplers-only", action="store_true", help="only the sampler comparison (demo)")
+    ap.add_argument("--demo-space", default="default", help="search space for the demo (default; 'all' for every method)")
+    ap.add_argument("--budgets", default="0.3,0.5,0.7")
+    ap.add_argument("--out", default=str(RESULTS / "search.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = list(range(2 if args.quick else args.seeds))
-    budgets = [0.3, 0.5, 0.7]
+    budgets = [float(b) for b in args.budgets.split(",")]
     results = []
     with tempfile.TemporaryDirectory(prefix="autorank-bench-") as tmp:
         work = Path(tmp)
@@ -149,7 +163,8 @@ def main() -> None:
 
             t = 15 if args.quick else args.trials
             results.append(run_model("digits demo (accuracy)", load_model("demo"), demo_task(), budgets=budgets, seeds=seeds,
-                                     trials=t, space="default", workdir=work, floor=0.0, samplers=args.samplers))
+                                     trials=t, space=args.demo_space, workdir=work, floor=0.0,
+                                     samplers=args.samplers or args.samplers_only, samplers_only=args.samplers_only))
         if "minilm" in args.models:
             from autorank.tasks import minilm_task
             from autorank.zoo import load_model
@@ -159,10 +174,10 @@ def main() -> None:
             results.append(run_model("MiniLM-L6 sentence encoder (cosine fidelity)", load_model("minilm"), task,
                                      budgets=budgets, seeds=seeds, trials=t, space="transformer", workdir=work, floor=0.0))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "search.json").write_text(json.dumps(results, indent=2, default=str))
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     for r in results:
         print(table(r))
-    print(f"\nmachine: {os.cpu_count()} cores, torch threads 1; results in {RESULTS / 'search.json'}")
+    print(f"\nmachine: {os.cpu_count()} cores, torch threads 1; results in {args.out}")
 
 
 if __name__ == "__main__":

@@ -113,10 +113,20 @@ def test_repair_always_fits_and_only_shrinks(toy_setup, data, pct):
     assert fits and cost.fits(cost.costs(fixed))
     for n, (m, r) in fixed.items():
         om, orr = cp[n]
-        if om != "none":
-            assert m == om and r <= orr + 1e-12  # a decomposed layer keeps its method, ρ only goes down
+        if om != "none":  # a decomposed layer stays decomposed and never gets more expensive
+            assert m != "none"
+            assert cost.layer_delta(n, (m, r))["flops"] <= cost.layer_delta(n, (om, orr))["flops"] + 1e-9
     if cost.fits(cost.costs(cp)):
         assert fixed == cp  # a plan within budget is left alone
+
+
+def test_repair_switches_away_from_a_method_whose_smallest_rank_is_too_expensive(toy_setup):
+    _, prof, _, choices = toy_setup
+    cost = CostModel(prof, parse_budget("20%flops"))
+    # spatial-svd at its smallest ρ everywhere it applies, dense elsewhere: over budget; ρ cannot go lower
+    start = {n: (("spatial-svd", ch.rhos[0]) if "spatial-svd" in ch.methods else ("none", ch.rhos[-1])) for n, ch in choices.items()}
+    fixed, fits = repair(start, choices, cost, lambda n, c: 0.0 if c[0] == "none" else 1 - c[1])
+    assert fits and cost.fits(cost.costs(fixed))
 
 
 def test_repair_reports_an_unreachable_budget(toy_setup):
@@ -131,7 +141,11 @@ def test_repair_shrinks_where_it_hurts_least(toy_setup):
     cost = CostModel(prof, parse_budget("60%flops"))
     start = {n: ("svd", 0.9) for n in choices}
     # features.2 is "sensitive": any shrink there costs a lot, elsewhere nearly nothing
-    pen = lambda n, c: (100.0 if n == "features.2" else 0.01) * (0.9 - c[1])  # noqa: E731
+    def pen(n, c):  # any change to features.2 hurts a lot
+        if n == "features.2":
+            return 0.0 if c == ("svd", 0.9) else 100.0
+        return 0.01 * (0.9 - c[1])
+
     fixed, fits = repair(start, choices, cost, pen)
     assert fits and fixed["features.2"] == ("svd", 0.9)
 

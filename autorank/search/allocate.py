@@ -178,8 +178,9 @@ def repair(
     """Shrink ``cp`` until it fits the budget; returns ``(plan, fits)``.
 
     Each step takes the move with the least added penalty per unit of budget
-    excess removed: one ρ step down for a decomposed layer, or decomposing a
-    dense layer at its largest ρ with any of its methods. Stops when the plan fits
+    excess removed: one ρ step down for a decomposed layer, another of its
+    methods (at the same ρ, or the smallest once its own ρ is at the bottom), or
+    decomposing a dense layer at its largest ρ with any of its methods. Stops when the plan fits
     or no move reduces the excess (then ``fits`` is False).
     """
     cur = dict(cp)
@@ -197,6 +198,9 @@ def repair(
             else:
                 i = _index(ch.rhos, rho)
                 moves = [(method, ch.rhos[i - 1])] if i > 0 else []
+                # another method at the same ρ, or at the smallest once this one has none left: a method
+                # whose smallest rank still costs a lot (tensor train on a Linear) must not block the repair
+                moves += [(m, ch.rhos[i] if i > 0 else ch.rhos[0]) for m in ch.methods if m not in ("none", method)]
             old_d = cost.layer_delta(name, cur[name])
             old_p = penalty(name, cur[name])
             for mv in moves:
