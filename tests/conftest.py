@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 
 torch.set_num_threads(1)  # tests check behaviour, not speed; one thread avoids oversubscription
+# Ray reads this when imported; every process of a test cluster needs it (../shared/DESIGN.md)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(autouse=True)

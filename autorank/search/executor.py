@@ -1,0 +1,882 @@
+"""Trials on Ray: one long-lived worker per concurrent trial, each holding its own :class:`TrialRunner`.
+
+All of autorank's Ray code lives in this module; the rest of the package runs
+without Ray. :class:`RayExecutor` has the interface of the search's
+``InProcessExecutor`` (``start``/``submit``/``wait``/``has_results``/``close``
+and ``concurrency``), so :func:`autorank.search.search` drives it with the same
+Optuna ask → repair → record → run → tell loop::
+
+    from autorank.search import search
+    from autorank.search.executor import RayExecutor
+
+    search("resnet50", "my_pkg.tasks:imagenet", budget="30%flops", trials=400,
+           executor=RayExecutor(address="auto", workers=64, gpus_per_trial=1))
+
+or from the command line ``autorank search ... --address auto --workers 64 --gpus-per-trial 1``.
+
+What each worker keeps
+----------------------
+Building a trial's world is the expensive part: loading the model, the task's
+data, the calibration statistics (Gram matrices) and the factorizations. Each
+of the ``workers`` Ray actors builds one ``TrialRunner`` in its constructor and
+keeps it for every trial it runs, so a trial costs only decompose → (fine-tune)
+→ evaluate. The model and task go to the workers by spec when the search was
+given specs (``"pkg.mod:build"``; each worker imports and calls it, and checks
+that it built the driver's exact weights, else falls back to shipping), else
+pickled once into the object store and shared by all actors. The factor cache
+directory is on disk and shared by the actors of a node: a layer factorized by
+one worker is read, not recomputed, by the others (entries are written
+atomically, see :mod:`autorank.cache`).
+
+Scheduling is Ray's: jobs go to idle actors, placed by Ray according to
+``cpus_per_trial``, ``gpus_per_trial`` (fractions allowed: two trials per GPU with
+0.5) and ``resources`` (e.g. ``{"accelerator_type:A100": 0.01}`` or a custom
+node resource).
+
+Faults
+------
+A worker process that dies mid-trial (killed, segfault, out of memory) is
+restarted by Ray (``max_restarts``) and the trial is retried on it
+(``max_task_retries``), up to ``max_retries`` times; if it still fails the trial
+comes back as ``{"error": "WorkerCrashed: ...", "error_type": "WorkerCrashed"}``,
+the search records it as failed and goes on on a fresh actor. A driver killed
+mid-search loses nothing finished: records are written before the study is
+told, and rerunning the same search resumes (the trials it interrupted are
+marked INTERRUPTED and rerun). The driver's own local Ray instance dies with
+it only if Ray's processes are stopped: ``ray stop --force``.
+
+Where each trial ran
+--------------------
+Each result carries ``where``: host, pid, Ray node id and node IP of the worker
+(``runner_builds``: how many times that process built its TrialRunner, 1 unless
+the actor was restarted).
+
+Ray Tune (``engine="tune"``)
+----------------------------
+The same interface runs the trials through ``ray.tune.Tuner`` instead: a custom
+:class:`~ray.tune.search.Searcher` hands Tune the jobs the driver submitted (Optuna
+stays the searcher: the driver's study asks, the plan is repaired to the budget
+and recorded, then Tune runs it), a class trainable keeps one TrialRunner per
+worker process (``reuse_actors=True``; the model and task always go pickled) and
+Tune's ``FailureConfig`` retries crashed trials. Everything the search relies on
+is kept (repair before a plan runs, the record written before tell, resume,
+warm-start plans enqueued in the SQLite study).
+
+It is not the default, for a measured reason. Tune's controller pulls trials
+from its searcher; when no trial is live and the searcher has nothing yet it
+blocks in ``TuneController._update_trial_queue(blocking=True)``, polling every
+1 s (``time.sleep(1)``). The search's loop is ask → run → tell: the next plan
+exists only after the previous result has come back through Tune, so a job
+submitted into that gap waits up to a second before Tune starts it. Measured
+with benchmarks/bench_executor.py on a shared 2-core machine (one job in
+flight): median overhead per trial 1.02 s (p90 2.0 s; samples are bimodal,
+~20 ms when the job arrives while Tune is still stepping, 1–2 s when it is
+asleep) against 3–4 ms for the actors; with 2 workers Tune ran 0.57–1.02× the
+throughput of 1 worker, the actors 1.03–1.19×. Handing the study to Tune's own
+``OptunaSearch`` instead would remove the gap but lose repair-to-budget before
+a plan runs, the per-trial record written before tell, the warm-start plans and
+the driver-side resume. Use ``engine="tune"`` when a cluster's tooling expects
+Tune experiments and trials are long (minutes: a second is then noise).
+
+Latency where it belongs
+------------------------
+:func:`measure_latency_remote` measures a model's latency table as a Ray task
+placed on the node with the target device (``resources``), and returns the
+table with the device it was measured on.
+
+Ray on test machines: nodes on loopback addresses other than 127.0.0.1 (Ray maps
+127.0.0.1 to the network address), ``RAY_AUTH_MODE=token`` in every process, and
+``ray stop --force`` in teardown (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+from autorank.errors import AutorankError
+
+logger = logging.getLogger("autorank")
+
+__all__ = ["RayExecutor", "RayExecutorError", "measure_latency_remote", "ENGINES", "LOCAL_NODE_IP"]
+
+ENGINES = ("actors", "tune")
+#: node address of a local Ray instance started by the executor: a loopback address Ray keeps as is
+#: (127.0.0.1 is mapped to the machine's network address); override with $AUTORANK_RAY_NODE_IP
+LOCAL_NODE_IP = "127.0.0.2"
+#: environment variables of the driver forwarded to the workers (prefixes and names)
+FORWARD_ENV_PREFIXES = ("AUTORANK_",)
+FORWARD_ENV_NAMES = ("OMP_WAIT_POLICY",)
+_WAIT_S = 0.05
+
+
+class RayExecutorError(AutorankError, RuntimeError):
+    """Ray could not be reached, or the workers could not be started."""
+
+
+def _ray():
+    # Ray 2.60 turns token authentication on for the clusters it starts and reads RAY_AUTH_MODE when
+    # it is imported; a process without it cannot start or join such a cluster ("Failed to start
+    # GCS", "InvalidAuthToken"). Keep authentication on: default it to token before the import.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - ray is a dependency
+        raise RayExecutorError("the Ray executor needs ray: pip install 'ray[tune]'") from exc
+    return ray
+
+
+# ---------------------------------------------------------------------- what runs on a worker
+_PROCESS: dict[str, Any] = {"builds": 0, "runner": None, "key": None}
+
+
+def _extend_sys_path(paths: Sequence[str]) -> None:
+    """Make the driver's project directories importable here (specs like ``tests.toys:build``)."""
+    for p in paths:
+        if p and p not in sys.path and os.path.isdir(p):
+            sys.path.append(p)
+
+
+def _build_runner(ship: dict) -> tuple[Any, Optional[str]]:
+    """A TrialRunner from a shipment; also a mismatch message when a spec built other weights than the driver's."""
+    import torch
+
+    _extend_sys_path(ship.get("paths", ()))
+    from autorank.search.trial import TrialRunner
+
+    if ship.get("load_threads"):  # build by spec as the driver did: some weights (SVD-shaped inits) depend on it
+        torch.set_num_threads(int(ship["load_threads"]))
+
+    mismatch = None
+    model = task = None
+    if ship.get("objects") is not None:
+        model, task = _ray().get(ship["objects"][0])
+    if ship.get("model_spec"):
+        from autorank.search.study import model_identity
+        from autorank.zoo import load_model
+
+        model = load_model(ship["model_spec"])
+        digest = model_identity(model)["weights"]
+        if ship.get("model_digest") and digest != ship["model_digest"]:
+            mismatch = (f"model spec {ship['model_spec']!r} builds other weights on the worker than in the driver "
+                        f"({digest} != {ship['model_digest']}): shipping the driver's model instead")
+    if ship.get("task_spec"):
+        from autorank.tasks import load_task
+
+        task = load_task(ship["task_spec"], ship.get("model_spec"))
+        fp = task.fingerprint() if hasattr(task, "fingerprint") else None
+        if mismatch is None and ship.get("task_fingerprint") is not None and fp != ship["task_fingerprint"]:
+            mismatch = f"task spec {ship['task_spec']!r} builds another task on the worker than in the driver: shipping the driver's"
+    if ship.get("threads"):
+        torch.set_num_threads(int(ship["threads"]))
+    runner = TrialRunner(model.eval(), task, calibrate=ship.get("calibrate"), cache_dir=ship.get("cache_dir"), setup=True)
+    _PROCESS["builds"] += 1
+    return runner, mismatch
+
+
+def _finish(res: dict, runner: Any) -> dict:
+    res = dict(res)
+    w = res.setdefault("where", {})
+    w.setdefault("pid", os.getpid())
+    w["runner_builds"] = _PROCESS["builds"]
+    return res
+
+
+class _TrialWorker:
+    """One Ray actor: builds its TrialRunner once (on its first call), then runs jobs on it.
+
+    The pickled model and task come with each call as a nested object ref (fetched only to build), not as
+    constructor arguments, so that a restarted actor rebuilds from the same object.
+    """
+
+    def __init__(self, ship: dict):
+        self.ship = ship
+        self.runner: Any = None
+        self.mismatch: Optional[str] = None
+        self.jobs = 0
+
+    def _ensure(self, objects: Optional[list]) -> Any:
+        if self.runner is None:
+            self.runner, self.mismatch = _build_runner({**self.ship, "objects": objects})
+        return self.runner
+
+    def ready(self, objects: Optional[list] = None) -> dict:
+        from autorank.search.trial import where
+
+        runner = self._ensure(objects)
+        return {**where(), "runner_builds": _PROCESS["builds"], "setup_s": runner.setup_s, "mismatch": self.mismatch}
+
+    def run(self, kind: str, payload: dict, objects: Optional[list] = None) -> dict:
+        runner = self._ensure(objects)
+        self.jobs += 1
+        return _finish(runner.run(kind, payload), runner)
+
+    def info(self) -> dict:
+        from autorank.search.trial import where
+
+        out = {**where(), "runner_builds": _PROCESS["builds"], "jobs": self.jobs}
+        if self.runner is not None:
+            out.update(cache=self.runner.cache.stats(), setup_s=self.runner.setup_s)
+        return out
+
+
+def _crash(exc: BaseException, last_where: Optional[dict], attempts: int) -> dict:
+    ray = _ray()
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, ray.exceptions.OutOfMemoryError):
+        kind = "OutOfMemory"
+    elif isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
+        kind = "WorkerCrashed"
+    elif isinstance(exc, ray.exceptions.RayTaskError):
+        cause = getattr(exc, "cause", None) or exc
+        kind = type(cause).__name__
+        first = (str(cause).strip().splitlines() or [kind])[0]
+    else:
+        kind = type(exc).__name__
+    msg = f"{kind}: the worker failed {attempts} time(s) running this trial; {type(exc).__name__}: {first}"
+    out: dict[str, Any] = {"error": msg[:500], "error_type": kind}
+    if last_where:
+        out["where"] = {k: v for k, v in last_where.items() if k in ("host", "pid", "node_id", "node_ip")}
+    return out
+
+
+# ---------------------------------------------------------------------- the executor
+class RayExecutor:
+    """Runs the search's trials on Ray workers, ``workers`` at a time.
+
+    ``address``: None (a local Ray instance sized to this machine, unless
+    ``$RAY_ADDRESS`` names a cluster or Ray is already initialised in this
+    process), ``"auto"`` or ``"HOST:PORT"`` (an existing cluster). ``workers``:
+    concurrent trials, one long-lived actor each. ``cpus_per_trial``,
+    ``gpus_per_trial`` (fractions allowed), ``resources`` (custom resources per
+    trial, e.g. ``{"accelerator_type:A100": 0.01}``): what each worker reserves.
+    ``max_retries``: times a trial whose worker died is retried (the actor is
+    restarted as often). ``engine``: ``"actors"`` (default) or ``"tune"`` (Ray
+    Tune, see the module docstring). ``start_timeout``: seconds to wait for the
+    first worker to be placed and built.
+    """
+
+    def __init__(
+        self,
+        address: Optional[str] = None,
+        workers: int = 1,
+        cpus_per_trial: float = 1.0,
+        gpus_per_trial: float = 0.0,
+        resources: Optional[dict[str, float]] = None,
+        max_retries: int = 2,
+        engine: str = "actors",
+        start_timeout: float = 300.0,
+    ):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise RayExecutorError(f"workers must be a positive integer, got {workers!r}")
+        for label, v in (("cpus_per_trial", cpus_per_trial), ("gpus_per_trial", gpus_per_trial)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise RayExecutorError(f"{label} must be a number >= 0, got {v!r}")
+        if resources is not None and (not isinstance(resources, dict)
+                                      or not all(isinstance(v, (int, float)) and v >= 0 for v in resources.values())):
+            raise RayExecutorError(f"resources must be a dict of numbers >= 0, got {resources!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise RayExecutorError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        if engine not in ENGINES:
+            raise RayExecutorError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+        self.address = address
+        self.workers = workers
+        self.concurrency = workers
+        self.cpus_per_trial = float(cpus_per_trial)
+        self.gpus_per_trial = float(gpus_per_trial)
+        self.resources = dict(resources or {})
+        self.max_retries = max_retries
+        self.engine = engine
+        self.start_timeout = float(start_timeout)
+        self.name = f"ray-{engine}"
+        self._owns_ray = False
+        self._impl: Optional[_ActorEngine | _TuneEngine] = None
+        #: what each worker reported when the executor closed: pid, node, runner_builds, jobs, cache stats
+        self.worker_info: list[dict] = []
+
+    # ------------------------------------------------------------------ connect
+    def _connect(self) -> None:
+        ray = _ray()
+        if ray.is_initialized():
+            self._owns_ray = False
+            return
+        address = self.address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            _check_reachable(address)
+        try:
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING)
+                logger.info("connected to the Ray cluster at %s", address)
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
+                         _node_ip_address=os.environ.get("AUTORANK_RAY_NODE_IP", LOCAL_NODE_IP),
+                         logging_level=logging.WARNING)
+                logger.info("started a local Ray instance (%d CPUs)", os.cpu_count())
+        except Exception as exc:
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token in every process"
+                    if "auth" in str(exc).lower() or address else "")
+            raise RayExecutorError(f"cannot connect to {where}: {type(exc).__name__}: {str(exc).strip()[:300]}{hint}") from exc
+        self._owns_ray = True
+
+    # ------------------------------------------------------------------ shipment
+    def _options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.cpus_per_trial, "num_gpus": self.gpus_per_trial}
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        env = _forwarded_env()
+        if env:
+            opts["runtime_env"] = {"env_vars": env}
+        return opts
+
+    def _shipment(self, model, task, calibrate, cache_dir, model_spec, task_spec, pickled: bool) -> dict:
+        ray = _ray()
+        ship: dict[str, Any] = {"paths": _driver_paths(), "calibrate": calibrate, "cache_dir": cache_dir, "objects": None,
+                                "threads": max(1, int(round(self.cpus_per_trial)))}
+        from autorank.zoo import SPEC_ATTR
+
+        if not pickled and model_spec:
+            import torch
+
+            from autorank.search.study import model_identity
+
+            ship["model_spec"] = model.__dict__.get(SPEC_ATTR) or model_spec
+            ship["model_digest"] = model_identity(model)["weights"]
+            ship["load_threads"] = torch.get_num_threads()
+        if not pickled and task_spec:
+            ship["task_spec"] = _absolute_spec(task_spec)
+            ship["task_fingerprint"] = task.fingerprint() if hasattr(task, "fingerprint") else None
+        need_model, need_task = not ship.get("model_spec"), not ship.get("task_spec")
+        if need_model or need_task:
+            # one object for both, so a task holding the model (distillation) pickles it once; nested in a list
+            # so that workers unpickle it after putting the driver's project directories on sys.path
+            ship["objects"] = [ray.put((model if need_model else None, task if need_task else None))]
+        return ship
+
+    # ------------------------------------------------------------------ interface
+    def start(self, model, task, *, calibrate: Optional[list[str]], cache_dir: Optional[str], setup: bool = True,
+              model_spec: Optional[str] = None, task_spec: Optional[str] = None, **_: Any) -> None:
+        """Connect to Ray and start the workers (each builds its TrialRunner; ``setup`` is always done on the workers)."""
+        self._connect()
+        try:
+            # Tune builds its runners inside trials, where a spec mismatch could not fall back: it always ships pickled
+            ship = self._shipment(model, task, calibrate, cache_dir, model_spec, task_spec, pickled=self.engine == "tune")
+            engine_cls = _ActorEngine if self.engine == "actors" else _TuneEngine
+            self._impl = engine_cls(self, ship)
+            mismatch = self._impl.start()
+            if mismatch:
+                logger.warning("%s", mismatch)
+                self._impl.close(settle=True)
+                ship = self._shipment(model, task, calibrate, cache_dir, model_spec, task_spec, pickled=True)
+                self._impl = engine_cls(self, ship)
+                self._impl.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, ticket: Any, kind: str, payload: dict) -> None:
+        assert self._impl is not None, "start() first"
+        self._impl.submit(ticket, kind, payload)
+
+    def wait(self) -> list[tuple[Any, dict]]:
+        """What has finished since the last call; blocks up to ~0.05 s for a first result while jobs are in flight."""
+        assert self._impl is not None, "start() first"
+        return self._impl.wait()
+
+    def has_results(self) -> bool:
+        return self._impl is not None and self._impl.has_results()
+
+    def running(self) -> int:
+        return 0 if self._impl is None else self._impl.running()
+
+    def close(self) -> None:
+        """Stop the workers; shut down the Ray connection (and the local instance) only if this executor started it."""
+        if self._impl is not None:
+            try:
+                self.worker_info = self._impl.info()
+            except Exception:  # pragma: no cover - informational
+                pass
+            self._impl.close()
+            self._impl = None
+        if self._owns_ray:
+            _ray().shutdown()
+            self._owns_ray = False
+
+    def __enter__(self) -> "RayExecutor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with the address named, when nothing listens at HOST:PORT (Ray itself retries for minutes)."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayExecutorError(f"Ray address {address!r}: expected auto or HOST:PORT, e.g. 10.0.0.5:6379")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise RayExecutorError(f"cannot reach the Ray cluster at {address}: {exc} "
+                               "(is `ray start --head` running there, and the port open?)") from None
+
+
+def _forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES) or k in FORWARD_ENV_NAMES}
+
+
+def _driver_paths() -> list[str]:
+    """The driver's project directories (cwd, PYTHONPATH, script dirs), not its installed packages."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    out: list[str] = []
+    for p in [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep), *sys.path]:
+        if not p:
+            continue
+        p = os.path.realpath(os.path.abspath(p))
+        if ("site-packages" in p or "dist-packages" in p or any(p == q or p.startswith(q + os.sep) for q in prefixes)
+                or not os.path.isdir(p) or p in out):
+            continue
+        out.append(p)
+    return out
+
+
+def _absolute_spec(spec: str) -> str:
+    target, sep, attr = spec.rpartition(":")
+    if sep and target.endswith(".py") and os.path.exists(target):
+        return f"{os.path.abspath(target)}:{attr}"
+    return spec
+
+
+# ---------------------------------------------------------------------- engine: actors
+class _ActorEngine:
+    def __init__(self, ex: RayExecutor, ship: dict):
+        ray = _ray()
+        self.ex = ex
+        self.ship = ship
+        self.cls = ray.remote(_TrialWorker)
+        self.actors: list[Any] = []
+        self.wheres: dict[int, dict] = {}  # id(actor) -> where it runs
+        self.pending: dict[Any, Any] = {}  # ready() ref -> actor, not yet usable
+        self.idle: collections.deque = collections.deque()
+        self.queue: collections.deque = collections.deque()
+        self.inflight: dict[Any, tuple[Any, Any]] = {}  # run ref -> (ticket, actor)
+        self.done: list[tuple[Any, dict]] = []
+        self.replaced = 0
+
+    def _spawn(self) -> Any:
+        a = self.cls.options(max_restarts=self.ex.max_retries, max_task_retries=self.ex.max_retries,
+                             **self.ex._options()).remote({k: v for k, v in self.ship.items() if k != "objects"})
+        self.actors.append(a)
+        self.pending[a.ready.remote(self.ship.get("objects"))] = a
+        return a
+
+    def start(self) -> Optional[str]:
+        ray = _ray()
+        for _ in range(self.ex.workers):
+            self._spawn()
+        deadline = time.monotonic() + self.ex.start_timeout
+        first: Optional[dict] = None
+        while self.pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=min(30.0, max(0.1, deadline - time.monotonic())))
+            if not ready:
+                logger.info("waiting for Ray to place %d worker(s) needing %s", len(self.pending), self._need())
+                continue
+            for ref in ready:
+                info = self._reap(ref, fatal=True)
+                if first is None and info is not None:
+                    first = info
+                    if info.get("mismatch"):
+                        return info["mismatch"]
+        if not self.idle:
+            raise RayExecutorError(
+                f"no Ray worker could be started in {self.ex.start_timeout:g} s: each needs {self._need()}; "
+                f"the cluster has {_ray().cluster_resources()}"
+            )
+        if self.pending:
+            logger.warning("%d of %d Ray workers are not placed yet; starting with %d", len(self.pending), self.ex.workers, len(self.idle))
+        return None
+
+    def _need(self) -> dict:
+        return {"CPU": self.ex.cpus_per_trial, "GPU": self.ex.gpus_per_trial, **self.ex.resources}
+
+    def _reap(self, ref: Any, fatal: bool = False) -> Optional[dict]:
+        """A worker whose constructor finished: usable, or (its constructor failed) dropped."""
+        ray = _ray()
+        actor = self.pending.pop(ref)
+        try:
+            info = ray.get(ref)
+        except Exception as exc:
+            cause = getattr(exc, "cause", None)
+            text = str(cause if cause is not None else exc).strip().splitlines()
+            msg = f"a Ray worker could not build its trial runner: {text[-1] if text else type(exc).__name__}"
+            if fatal and not self.idle:
+                raise RayExecutorError(msg + " (is autorank installed, and the model/task importable, on every node?)") from exc
+            logger.warning("%s", msg)
+            self._drop(actor)
+            return None
+        self.wheres[id(actor)] = info
+        self.idle.append(actor)
+        return info
+
+    def _drop(self, actor: Any) -> None:
+        try:
+            _ray().kill(actor, no_restart=True)
+        except Exception:  # pragma: no cover
+            pass
+        if actor in self.actors:
+            self.actors.remove(actor)
+
+    def _poll_pending(self) -> None:
+        if self.pending:
+            ready, _ = _ray().wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            for ref in ready:
+                self._reap(ref)
+
+    def _dispatch(self) -> None:
+        while self.queue and self.idle:
+            actor = self.idle.popleft()
+            ticket, kind, payload = self.queue.popleft()
+            self.inflight[actor.run.remote(kind, payload, self.ship.get("objects"))] = (ticket, actor)
+        if self.queue and not self.idle and not self.inflight and not self.pending:
+            # every worker is gone (constructors failing on restart): fail the jobs rather than hang
+            while self.queue:
+                ticket, _, _ = self.queue.popleft()
+                self.done.append((ticket, {"error": "WorkerCrashed: no Ray worker is left to run this trial",
+                                           "error_type": "WorkerCrashed"}))
+
+    def submit(self, ticket: Any, kind: str, payload: dict) -> None:
+        self.queue.append((ticket, kind, payload))
+        self._poll_pending()
+        self._dispatch()
+
+    def _collect(self, refs: list) -> None:
+        ray = _ray()
+        for ref in refs:
+            ticket, actor = self.inflight.pop(ref)
+            try:
+                res = ray.get(ref)
+                self.idle.append(actor)
+                if isinstance(res.get("where"), dict):  # the worker's current process (a restarted actor has a new pid)
+                    self.wheres[id(actor)] = res["where"]
+            except Exception as exc:
+                res = _crash(exc, self.wheres.get(id(actor)), self.ex.max_retries + 1)
+                logger.warning("trial %s: %s", ticket, res["error"])
+                if res["error_type"] in ("WorkerCrashed", "OutOfMemory"):  # the actor is gone for good: replace it
+                    self._drop(actor)
+                    self.replaced += 1
+                    self._spawn()
+                else:  # the job raised (not a trial error: those come back as results); the worker is fine
+                    self.idle.append(actor)
+            self.done.append((ticket, res))
+
+    def wait(self) -> list[tuple[Any, dict]]:
+        ray = _ray()
+        self._poll_pending()
+        self._dispatch()
+        if self.inflight and not self.done:
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=_WAIT_S)
+            if ready:
+                ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+            self._collect(ready)
+        elif self.inflight:
+            ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+            self._collect(ready)
+        elif self.queue and self.pending:  # nothing placed yet: wait for a worker
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=_WAIT_S)
+            for ref in ready:
+                self._reap(ref)
+        self._dispatch()
+        done, self.done = self.done, []
+        return done
+
+    def has_results(self) -> bool:
+        if self.done:
+            return True
+        if self.inflight:
+            ready, _ = _ray().wait(list(self.inflight), num_returns=1, timeout=0)
+            return bool(ready)
+        return bool(self.queue)
+
+    def running(self) -> int:
+        return len(self.inflight) + len(self.queue)
+
+    def info(self) -> list[dict]:
+        ray = _ray()
+        refs = [a.info.remote() for a in self.actors if any(a is b for b in self.idle)]
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=10))
+            except Exception:  # pragma: no cover - a worker that died at the end
+                pass
+        return out
+
+    def close(self, settle: bool = False) -> None:
+        if settle and self.pending:  # let constructors finish first: a call cut short by kill is retried, noisily
+            _ray().wait(list(self.pending), num_returns=len(self.pending), timeout=60)
+        for a in list(self.actors):
+            self._drop(a)
+        self.actors.clear()
+        self.idle.clear()
+        self.pending.clear()
+        self.inflight.clear()
+
+
+# ---------------------------------------------------------------------- engine: Ray Tune
+class _TuneEngine:
+    """The same jobs through ``ray.tune.Tuner``: a Searcher fed by the driver's queue, a reusable class trainable."""
+
+    def __init__(self, ex: RayExecutor, ship: dict):
+        self.ex = ex
+        self.ship = ship
+        self.jobs: "queue.Queue[tuple[Any, str, dict]]" = queue.Queue()
+        self.results: "queue.Queue[tuple[Any, dict]]" = queue.Queue()
+        self.closing = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+        self.submitted = 0
+        self.returned = 0
+        self.storage = tempfile.mkdtemp(prefix="autorank-tune-")
+        self.builds_seen: dict[tuple, dict] = {}
+
+    def start(self) -> Optional[str]:
+        from ray import tune
+
+        # results come back through the searcher: no per-trial result files, no console tables
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # "no result.json": by design
+        searcher = _make_searcher(self)
+        resources = {"cpu": self.ex.cpus_per_trial, "gpu": self.ex.gpus_per_trial, **self.ex.resources}
+        trainable = tune.with_resources(tune.with_parameters(_tune_trainable(), ship=self.ship), resources)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=self.ex.workers,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name="autorank", storage_path=self.storage, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=self.ex.max_retries),
+                                      checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
+        )
+
+        def fit() -> None:
+            try:
+                tuner.fit()
+            except BaseException as exc:  # surfaced by wait()
+                self.error = exc
+
+        self.thread = threading.Thread(target=fit, name="autorank-tune", daemon=True)
+        self.thread.start()
+        return None
+
+    def submit(self, ticket: Any, kind: str, payload: dict) -> None:
+        self.submitted += 1
+        self.jobs.put((ticket, kind, payload))
+
+    def _raise_if_dead(self) -> None:
+        if self.error is not None or (self.thread is not None and not self.thread.is_alive() and not self.closing.is_set()):
+            raise RayExecutorError(f"the Ray Tune run stopped: {self.error!r}")
+
+    def wait(self) -> list[tuple[Any, dict]]:
+        out = []
+        try:
+            if self.submitted > self.returned:
+                out.append(self.results.get(timeout=_WAIT_S))
+            while True:
+                out.append(self.results.get_nowait())
+        except queue.Empty:
+            pass
+        self.returned += len(out)
+        if not out:
+            self._raise_if_dead()
+        return out
+
+    def has_results(self) -> bool:
+        return not self.results.empty()
+
+    def running(self) -> int:
+        return self.submitted - self.returned
+
+    def info(self) -> list[dict]:
+        return list(self.builds_seen.values())
+
+    def close(self, settle: bool = False) -> None:
+        import shutil
+
+        self.closing.set()
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+        for k in [k for k, v in _TUNE_ENGINES.items() if v is self]:
+            del _TUNE_ENGINES[k]
+        shutil.rmtree(self.storage, ignore_errors=True)
+
+
+_TUNE_ENGINES: dict[str, _TuneEngine] = {}
+
+
+def _make_searcher(engine: _TuneEngine):
+    from ray.tune.search import Searcher
+
+    key = f"{os.getpid()}-{id(engine)}"
+    _TUNE_ENGINES[key] = engine
+
+    class _QueueSearcher(Searcher):
+        """Tune's searcher: the jobs the driver's Optuna study asked for, in order.
+
+        It runs in the driver, next to the executor; it holds only the executor's key (Tune pickles its searcher).
+        """
+
+        def __init__(self) -> None:
+            super().__init__(metric="score", mode="max")
+            self.key = key
+            self.tickets: dict[str, Any] = {}
+
+        @property
+        def engine(self) -> _TuneEngine:
+            # imported at run time: a class defined in a function is pickled by value, with the globals it names
+            from autorank.search import executor
+
+            return executor._TUNE_ENGINES[self.key]
+
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return True
+
+        def save(self, checkpoint_path: str) -> None:  # the driver's study is the searcher's state
+            pass
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
+        def suggest(self, trial_id: str):
+            engine = self.engine
+            if engine.closing.is_set():
+                return Searcher.FINISHED
+            try:
+                ticket, kind, payload = engine.jobs.get_nowait()
+            except queue.Empty:
+                return None
+            self.tickets[trial_id] = ticket
+            return {"autorank_job": json.dumps({"kind": kind, "payload": payload})}
+
+        def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+            engine = self.engine
+            if trial_id not in self.tickets:
+                return
+            ticket = self.tickets.pop(trial_id)
+            if error or not result or "autorank_result" not in result:
+                res = {"error": f"WorkerCrashed: the Tune trial failed {engine.ex.max_retries + 1} time(s)",
+                       "error_type": "WorkerCrashed"}
+            else:
+                res = json.loads(result["autorank_result"])
+                w = res.get("where", {})
+                engine.builds_seen[(w.get("node_id"), w.get("pid"))] = {**w, "jobs": None}
+            engine.results.put((ticket, res))
+
+    return _QueueSearcher()
+
+
+def _tune_trainable():
+    from ray import tune
+
+    class AutorankTrial(tune.Trainable):
+        """One job per Tune trial; the TrialRunner is built once per worker process and reused."""
+
+        def setup(self, config: dict, ship: Optional[dict] = None) -> None:
+            import json
+
+            from autorank.search import executor  # the module's own state, not a pickled copy
+
+            proc = executor._PROCESS
+            key = json.dumps(ship, sort_keys=True, default=str)  # the object ref prints as its id
+            if proc["runner"] is None or proc["key"] != key:
+                proc["runner"], _ = executor._build_runner(ship)
+                proc["key"] = key
+            self.config = config
+
+        def reset_config(self, new_config: dict) -> bool:
+            self.config = new_config
+            return True
+
+        def step(self) -> dict:
+            import json
+
+            from autorank.search import executor
+
+            job = json.loads(self.config["autorank_job"])
+            runner = executor._PROCESS["runner"]
+            res = executor._finish(runner.run(job["kind"], job["payload"]), runner)
+            score = res.get("score")
+            return {"autorank_result": json.dumps(res), "score": float("nan") if score is None else float(score), "done": True}
+
+    return AutorankTrial
+
+
+# ---------------------------------------------------------------------- latency on the target device
+def measure_latency_remote(
+    model_spec: str,
+    input_shape: Sequence[int],
+    *,
+    device: str = "cpu",
+    resources: Optional[dict[str, float]] = None,
+    num_cpus: float = 1.0,
+    num_gpus: Optional[float] = None,
+    address: Optional[str] = None,
+    timeout: Optional[float] = None,
+    **job_kwargs: Any,
+) -> dict[str, Any]:
+    """Measure ``model_spec``'s latency table on the Ray node that has the target device.
+
+    Runs :func:`autorank.cost.latency.profile_latency_job` as a Ray task that
+    reserves ``num_cpus``, ``num_gpus`` (default: 1 when ``device`` is CUDA) and
+    ``resources`` (e.g. ``{"accelerator_type:A100": 0.01}`` or a custom resource
+    of the node with the target device). Connects like :class:`RayExecutor`
+    (``address``) when Ray is not initialised, and disconnects afterwards.
+    Returns the job's summary with the whole table (``"table"``, load it with
+    ``LatencyTable.from_dict``), ``device_name`` (what it was measured on) and
+    ``where`` (host, pid, node). ``job_kwargs``: ``batch_size``, ``threads``,
+    ``candidates``, ``rhos``, ``clock``, ``table_dir``.
+    """
+    ray = _ray()
+    ex = RayExecutor(address=address)
+    ex._connect()
+    try:
+        gpus = num_gpus if num_gpus is not None else (1.0 if str(device).startswith("cuda") else 0.0)
+        opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": gpus, "max_retries": 0}
+        if resources:
+            opts["resources"] = dict(resources)
+        env = _forwarded_env()
+        if env:
+            opts["runtime_env"] = {"env_vars": env}
+        job_kwargs.setdefault("include_table", True)
+        ref = ray.remote(_latency_task).options(**opts).remote(_driver_paths(), model_spec, list(input_shape), device, job_kwargs)
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, AutorankError):
+                raise cause from None
+            raise RayExecutorError(f"latency measurement of {model_spec!r} on {device} failed: {cause or exc}") from exc
+    finally:
+        ex.close()
+
+
+def _latency_task(paths: list[str], model_spec: str, input_shape: list[int], device: str, kwargs: dict) -> dict:
+    _extend_sys_path(paths)
+    from autorank.cost.latency import profile_latency_job
+    from autorank.search.trial import where
+
+    out = profile_latency_job(model_spec, input_shape, device=device, **kwargs)
+    out["where"] = where()
+    return out
