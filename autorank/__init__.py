@@ -22,14 +22,14 @@ from autorank.calibration import Calibration
 from autorank.errors import AutorankError
 from autorank.export import load, save
 from autorank.plan import LayerPlan, Plan
+from autorank.search import search  # the function; it shadows the subpackage of the same name on purpose
 from autorank.surgery import candidate_layers, decompose, plan_of, resolve_plan
 from autorank.zoo import load_model
 
 __version__ = "0.1.0"
 
-# the search pulls in Optuna (and the tasks, scikit-learn): imported on first use
+# imported on first use
 _LAZY = {
-    "search": ("autorank.search", "search"),
     "SearchResult": ("autorank.search", "SearchResult"),
     "SearchSpace": ("autorank.search", "SearchSpace"),
     "Task": ("autorank.tasks", "Task"),

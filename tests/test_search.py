@@ -357,3 +357,22 @@ def test_toy_task_is_a_task():
     from autorank.tasks import Task
 
     assert isinstance(ToyFidelity(), Task)
+
+
+def test_autorank_search_stays_the_function_after_the_subpackage_is_imported():
+    import importlib
+
+    import autorank.search.study  # noqa: F401
+
+    importlib.import_module("autorank.search.result")
+    assert callable(autorank.search) and autorank.search.__name__ == "search"
+    _ = autorank.SearchSpace
+    assert callable(autorank.search) and not isinstance(autorank.search, type(importlib))
+
+
+def test_too_few_sensitivity_points_are_refused(tmp_path):
+    from autorank.search import SearchError
+
+    with pytest.raises(SearchError, match="sensitivity_points"):
+        search(toy_cnn(), toy_task(), budget="30%flops", trials=2, out=tmp_path / "r", sensitivity_points=1)
+    assert not (tmp_path / "r").exists()

@@ -221,6 +221,8 @@ def search(
         raise SearchError(f"trials must be a positive integer, got {trials!r}")
     if not isinstance(finetune, int) or finetune < 0:
         raise SearchError(f"finetune must be an integer >= 0, got {finetune!r}")
+    if not isinstance(sensitivity_points, int) or isinstance(sensitivity_points, bool) or sensitivity_points < 2:
+        raise SearchError(f"sensitivity_points must be an integer >= 2 (the ends of the ρ grid at least), got {sensitivity_points!r}")
     if sampler.lower() not in SAMPLERS:
         raise SearchError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
