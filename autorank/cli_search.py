@@ -137,6 +137,7 @@ def cmd_search(args) -> int:
             args.model, args.task, budget=args.budget, space=space, trials=args.trials, out=out, seed=args.seed,
             sampler=args.sampler, finetune=args.finetune, finetune_steps=args.finetune_steps,
             warm_start=not args.no_warm_start, sensitivity_points=args.sensitivity_points, executor=executor, progress=prog,
+            cache_dir=args.cache_dir,
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -271,6 +272,7 @@ def add_commands(sub) -> None:
     s.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial on Ray (default 1)")
     s.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial on Ray, fractions allowed (default 0)")
     s.add_argument("--resources", metavar="JSON", help="custom Ray resources per trial, e.g. '{\"accelerator_type:A100\": 0.01}'")
+    s.add_argument("--cache-dir", metavar="DIR", help="factor cache shared by the workers of a node (default RUN/factor-cache)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_search)
