@@ -22,6 +22,20 @@ def run_cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int =
     return subprocess.run([sys.executable, "-m", "autorank.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_inproc(*args: str, cwd: Path, capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """The same argv through ``autorank.cli.main`` in this process (no interpreter start-up: fast)."""
+    from autorank.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as exc:  # argparse: --help, usage errors
+        rc = exc.code if isinstance(exc.code, int) else 2
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), rc, out.out, out.err)
+
+
 def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
     assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
@@ -142,25 +156,32 @@ def test_exported_model_is_smaller_and_the_plan_is_the_front_members(demo_run):
         (["export", "does-not-exist", "--pick", "best", "-o", "x.pt"], ["does-not-exist"]),
     ],
 )
-def test_bad_input_gets_one_line_and_exit_2(tmp_path, args, needles):
-    p = run_cli(*args, cwd=tmp_path)
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, args, needles, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    p = run_inproc(*args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
     assert_one_line_error(p, *needles)
 
 
-def test_export_bad_pick_and_unmeetable_constraint(demo_run, tmp_path):
+def test_bad_input_as_a_separate_process(tmp_path):
+    """The same one-line error and exit code from the installed command's entry point."""
+    assert_one_line_error(run_cli("search", "--budget", "30%bananas", cwd=tmp_path), "bananas")
+    assert_one_line_error(run_cli("front", "nowhere", cwd=tmp_path), "nowhere")
+
+
+def test_export_bad_pick_and_unmeetable_constraint(demo_run, tmp_path, capsys, monkeypatch):
     _, run, _ = demo_run
-    assert_one_line_error(run_cli("export", str(run), "--pick", "fastest", "-o", "x.pt", cwd=tmp_path), "fastest")
-    p = run_cli("export", str(run), "--pick", "best", "--min-score", "1.5", "-o", "x.pt", cwd=tmp_path)
-    assert_one_line_error(p, "nearest", "trial")
+    cli = lambda *a: run_inproc(*a, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # noqa: E731
+    assert_one_line_error(cli("export", str(run), "--pick", "fastest", "-o", "x.pt"), "fastest")
+    assert_one_line_error(cli("export", str(run), "--pick", "best", "--min-score", "1.5", "-o", "x.pt"), "nearest", "trial")
     assert not (tmp_path / "x.pt").exists()
-    assert_one_line_error(run_cli("export", str(run), "-o", "x.pt", cwd=tmp_path), "--pick")
+    assert_one_line_error(cli("export", str(run), "-o", "x.pt"), "--pick")
 
 
-def test_front_of_a_run_without_a_finished_trial(tmp_path):
+def test_front_of_a_run_without_a_finished_trial(tmp_path, capsys, monkeypatch):
     from autorank.search import RunDir
 
     RunDir(tmp_path / "r").prepare({"model": "m", "task": "t", "budget": "30%flops", "space": {}, "seed": 0, "sampler": "tpe"})
-    assert_one_line_error(run_cli("front", str(tmp_path / "r"), cwd=tmp_path), "no front yet")
+    assert_one_line_error(run_inproc("front", str(tmp_path / "r"), cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch), "no front yet")
 
 
 def test_a_different_budget_in_an_existing_run_directory_is_refused(demo_run):
@@ -169,9 +190,9 @@ def test_a_different_budget_in_an_existing_run_directory_is_refused(demo_run):
     assert_one_line_error(p, "budget", "another --out")
 
 
-def test_every_command_help_shows_examples(tmp_path):
+def test_every_command_help_shows_examples(tmp_path, capsys, monkeypatch):
     for cmd in ("search", "front", "export", "decompose", "profile", "plan", "methods"):
-        p = run_cli(cmd, "--help", cwd=tmp_path)
+        p = run_inproc(cmd, "--help", cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
         assert p.returncode == 0 and "examples:" in p.stdout, cmd
 
 
