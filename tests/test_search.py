@@ -376,3 +376,30 @@ def test_too_few_sensitivity_points_are_refused(tmp_path):
     with pytest.raises(SearchError, match="sensitivity_points"):
         search(toy_cnn(), toy_task(), budget="30%flops", trials=2, out=tmp_path / "r", sensitivity_points=1)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_latency_budget_measures_a_table_and_estimates_every_trial(tmp_path):
+    """latency<=...: a per-layer latency table is measured first; every trial carries its estimated latency."""
+    class TwoConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 32, 3, padding=1)
+            self.b = torch.nn.Conv2d(32, 32, 3, padding=1)
+            self.fc = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    # a generous absolute limit: the test checks the measuring and the plumbing, not this machine's speed
+    res = search(TwoConv(), toy_task(), budget="latency<=10s", trials=4, finetune=0, out=tmp_path / "lat",
+                 space={"methods": ["svd"], "rho": [0.3, 0.6], "layers": {"types": ["Conv2d"]}}, sensitivity_points=2)
+    assert res.cost_metric == "latency" and res.original["latency"] > 0
+    done = [r for r in res.trials if r["state"] == "COMPLETE"]
+    assert done and all(r["costs"]["latency"] > 0 for r in done)
+    dense_plans = [r for r in done if not r["plan"]["layers"]]
+    for r in dense_plans:  # the dense plan's estimate is the measured base latency itself
+        assert r["costs"]["latency"] == pytest.approx(res.original["latency"])
+    assert all(m.latency_estimated_s is not None and m.latency_measured_s is not None for m in res.front)
+    tables = list((Path(os.environ.get("AUTORANK_CACHE_DIR", Path.home() / ".cache" / "autorank")) / "latency").glob("*.json"))
+    assert tables, "no latency table written"
