@@ -526,7 +526,25 @@ def _codes_and_scale(layer: nn.Module, bits: int, qshape: tuple[int, ...]) -> tu
     return codes, scale.to(w.dtype)
 
 
-class FixedPointConv2d(nn.Module):
+class _FixedPointStorage(nn.Module):
+    """int8 codes (``qweight``) and per-output-channel float ``scale`` as buffers; the weight is their product."""
+
+    def _store(self, layer: nn.Module, bits: int) -> None:
+        self.bits = int(bits)
+        codes, scale = _codes_and_scale(layer, bits, tuple(layer.weight.shape))
+        self.register_buffer("qweight", codes)
+        self.register_buffer("scale", scale)
+        if layer.bias is not None:
+            self.bias = layer.bias
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return _dequantize(self.qweight, self.scale)
+
+
+class FixedPointConv2d(_FixedPointStorage):
     """A Conv2d whose weight is stored as int8 codes (``qweight``) and per-output-channel float ``scale``.
 
     Computes with the dequantised weight ``qweight · scale`` (exactly the weight
@@ -539,18 +557,7 @@ class FixedPointConv2d(nn.Module):
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups, self.padding_mode = conv.dilation, conv.groups, conv.padding_mode
         self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
-        self.bits = int(bits)
-        codes, scale = _codes_and_scale(conv, bits, tuple(conv.weight.shape))
-        self.register_buffer("qweight", codes)
-        self.register_buffer("scale", scale)
-        if conv.bias is not None:
-            self.bias = conv.bias
-        else:
-            self.register_parameter("bias", None)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return _dequantize(self.qweight, self.scale)
+        self._store(conv, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -564,24 +571,13 @@ class FixedPointConv2d(nn.Module):
                 f"padding={self.padding}, groups={self.groups}, bits={self.bits}, bias={self.bias is not None}")
 
 
-class FixedPointLinear(nn.Module):
+class FixedPointLinear(_FixedPointStorage):
     """A Linear whose weight is stored as int8 codes and per-output-channel float scales (see FixedPointConv2d)."""
 
     def __init__(self, linear: nn.Linear, bits: int = 8):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bits = int(bits)
-        codes, scale = _codes_and_scale(linear, bits, tuple(linear.weight.shape))
-        self.register_buffer("qweight", codes)
-        self.register_buffer("scale", scale)
-        if linear.bias is not None:
-            self.bias = linear.bias
-        else:
-            self.register_parameter("bias", None)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return _dequantize(self.qweight, self.scale)
+        self._store(linear, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

@@ -15,6 +15,8 @@ A method knows, for the layer kinds it claims:
 
 from __future__ import annotations
 
+import os
+
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence, Union
@@ -404,3 +406,25 @@ def conv_out_hw(spec: LayerSpec, input_shape: Sequence[int]) -> tuple[int, int, 
 
 
 __all__ += ["conv_out_hw", "bias_tensor", "dense_kernel_reason", "conv_flops", "linear_flops", "rows_of", "Cost", "LayerSpec"]
+
+
+#: memory a factorization may use before it is refused (override per call or by environment variable)
+DEFAULT_MEMORY_LIMIT = 4 * 1024**3
+
+
+def memory_limit(options: Optional[dict], method: str, env: str) -> float:
+    """options['memory_limit_bytes'], else the environment variable ``env``, else 4 GiB (bytes)."""
+    value = (options or {}).get("memory_limit_bytes")
+    source = "options['memory_limit_bytes']"
+    if value is None:
+        value = os.environ.get(env)
+        source = env
+    if value is None or value == "":
+        return float(DEFAULT_MEMORY_LIMIT)
+    try:
+        limit = float(value)
+    except (TypeError, ValueError):
+        limit = float("nan")
+    if isinstance(value, bool) or not (limit > 0):
+        raise ValueError(f"method {method!r}: {source} must be a positive number of bytes, got {value!r}")
+    return limit

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw, dense_kernel_reason
+from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw, dense_kernel_reason, memory_limit
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, layer_spec, make_conv, nominal_input_shape, weight_matrix
 from autorank.methods.tucker2 import _core
 
@@ -23,8 +22,7 @@ logger = logging.getLogger("autorank")
 DEFAULT_BLOCKS = 4
 #: alternating sweeps over the blocks after the greedy fit
 DEFAULT_SWEEPS = 2
-#: default cap on the memory the fit may need (bytes)
-DEFAULT_MEMORY_LIMIT = 4 * 1024**3
+#: environment variable overriding :data:`DEFAULT_MEMORY_LIMIT` (bytes)
 MEMORY_LIMIT_ENV = "AUTORANK_BTD_MEMORY_LIMIT"
 
 
@@ -257,7 +255,7 @@ class BTD(BaseMethod):
 
     def _check_options(self, options: dict) -> None:
         _sweeps(options)
-        _memory_limit(options)
+        memory_limit(options, "btd", MEMORY_LIMIT_ENV)
 
     def options_key(self, options: Optional[dict]) -> dict:
         return {"sweeps": _sweeps(options)}
@@ -268,7 +266,7 @@ class BTD(BaseMethod):
         kh, kw = spec.kernel_size
         numel = n * c * kh * kw
         need = 8 * (6 * numel + n * n + c * c + n * c * kh * kw)
-        limit = _memory_limit(options)
+        limit = memory_limit(options, "btd", MEMORY_LIMIT_ENV)
         if need > limit:
             raise RankTooLargeError(
                 f"method 'btd': layer {spec.describe()}: the block fit would need about {need / 1e9:.3g} GB, over the "
@@ -323,18 +321,3 @@ def _sweeps(options: Optional[dict]) -> int:
     return int(v)
 
 
-def _memory_limit(options: Optional[dict]) -> float:
-    value = (options or {}).get("memory_limit_bytes")
-    source = "options['memory_limit_bytes']"
-    if value is None:
-        value = os.environ.get(MEMORY_LIMIT_ENV)
-        source = MEMORY_LIMIT_ENV
-    if value is None or value == "":
-        return float(DEFAULT_MEMORY_LIMIT)
-    try:
-        limit = float(value)
-    except (TypeError, ValueError):
-        limit = float("nan")
-    if isinstance(value, bool) or not (limit > 0):
-        raise ValueError(f"method 'btd': {source} must be a positive number of bytes, got {value!r}")
-    return limit

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import warnings
 from typing import Optional
 
@@ -14,15 +13,13 @@ import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import BaseMethod, dense_kernel_reason, Factors, LayerStats, conv_out_hw
+from autorank.methods._base import DEFAULT_MEMORY_LIMIT, BaseMethod, dense_kernel_reason, Factors, LayerStats, conv_out_hw, memory_limit
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 
 __all__ = ["CP", "cp_als", "cp_als_memory_bytes", "DEFAULT_MEMORY_LIMIT"]
 
 logger = logging.getLogger("autorank")
 
-#: default cap on the memory CP-ALS may need (bytes); see :func:`_memory_limit`
-DEFAULT_MEMORY_LIMIT = 4 * 1024**3
 #: environment variable overriding :data:`DEFAULT_MEMORY_LIMIT` (bytes)
 MEMORY_LIMIT_ENV = "AUTORANK_CP_MEMORY_LIMIT"
 DEFAULT_N_ITER_MAX = 100
@@ -177,7 +174,7 @@ class CP(BaseMethod):
 
     def _check_options(self, options: dict) -> None:
         _als_options(options)
-        _memory_limit(options)
+        memory_limit(options, "cp", MEMORY_LIMIT_ENV)
 
     def rank_help(self) -> str:
         return (
@@ -214,7 +211,7 @@ class CP(BaseMethod):
         n_iter_max, tol = _als_options(options)
         dims = _dims(spec)
         need = cp_als_memory_bytes(dims, r)
-        limit = _memory_limit(options)
+        limit = memory_limit(options, "cp", MEMORY_LIMIT_ENV)
         if need > limit:
             raise RankTooLargeError(
                 f"method 'cp': layer {spec.describe()} at rank {r}: CP-ALS would need about "
@@ -284,19 +281,3 @@ def _als_options(options: Optional[dict]) -> tuple[int, float]:
     return int(n_iter_max), float(tol)
 
 
-def _memory_limit(options: Optional[dict]) -> float:
-    """options['memory_limit_bytes'], else $AUTORANK_CP_MEMORY_LIMIT, else 4 GiB."""
-    value = (options or {}).get("memory_limit_bytes")
-    source = "options['memory_limit_bytes']"
-    if value is None:
-        value = os.environ.get(MEMORY_LIMIT_ENV)
-        source = MEMORY_LIMIT_ENV
-    if value is None or value == "":
-        return float(DEFAULT_MEMORY_LIMIT)
-    try:
-        limit = float(value)
-    except (TypeError, ValueError):
-        limit = float("nan")
-    if not (limit > 0) or isinstance(value, bool):
-        raise ValueError(f"method 'cp': {source} must be a positive number of bytes, got {value!r}")
-    return limit

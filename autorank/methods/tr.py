@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import Factors, LayerStats
+from autorank.methods._base import Factors, LayerStats, memory_limit
 from autorank.methods._layers import LayerSpec
 from autorank.methods._linalg import thin_svd
 from autorank.methods.tt import (
     MEMORY_LIMIT_ENV,
     _NetworkMethod,
     bond_ranks,
-    memory_limit,
     network_modules,
     train_layout,
     tt_svd_full,
@@ -255,7 +254,7 @@ class TR(_NetworkMethod):
 
     def _check_options(self, options: dict) -> None:
         _sweeps(options)
-        memory_limit(options, self.name)
+        memory_limit(options, self.name, MEMORY_LIMIT_ENV)
 
     def options_key(self, options: Optional[dict]) -> dict:
         return {"sweeps": _sweeps(options)}
@@ -264,7 +263,7 @@ class TR(_NetworkMethod):
         rank = self.normalize_rank(spec, rank)
         layout = train_layout(spec)
         rr = bond_ranks(layout, rank, ring=True)
-        limit = memory_limit(options, self.name)
+        limit = memory_limit(options, self.name, MEMORY_LIMIT_ENV)
         need = tt_svd_memory_bytes(layout.modes)
         if need > limit:
             raise RankTooLargeError(

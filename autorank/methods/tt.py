@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw, dense_kernel_reason
+from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw, dense_kernel_reason, memory_limit
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, layer_spec, make_conv, rows_of, weight_matrix
 from autorank.methods._linalg import thin_svd
 
@@ -56,8 +55,6 @@ MAX_FACTOR = 16
 MAX_PRIME = 64
 #: at most this many cores per dimension
 MAX_CORES = 6
-#: default cap on the memory a TT-SVD may need (bytes)
-DEFAULT_MEMORY_LIMIT = 4 * 1024**3
 #: environment variable overriding :data:`DEFAULT_MEMORY_LIMIT` (bytes)
 MEMORY_LIMIT_ENV = "AUTORANK_TT_MEMORY_LIMIT"
 
@@ -542,24 +539,6 @@ def network_modules(
 
 
 # ---------------------------------------------------------------------- options shared with tr
-def memory_limit(options: Optional[dict], method: str, env: str = MEMORY_LIMIT_ENV) -> float:
-    """options['memory_limit_bytes'], else the environment variable ``env``, else 4 GiB."""
-    value = (options or {}).get("memory_limit_bytes")
-    source = "options['memory_limit_bytes']"
-    if value is None:
-        value = os.environ.get(env)
-        source = env
-    if value is None or value == "":
-        return float(DEFAULT_MEMORY_LIMIT)
-    try:
-        limit = float(value)
-    except (TypeError, ValueError):
-        limit = float("nan")
-    if isinstance(value, bool) or not (limit > 0):
-        raise ValueError(f"method {method!r}: {source} must be a positive number of bytes, got {value!r}")
-    return limit
-
-
 class _NetworkMethod(BaseMethod):
     """What ``tt`` and ``tr`` share: layouts, bond-rank validation, cost."""
 
@@ -614,7 +593,7 @@ class _NetworkMethod(BaseMethod):
         return network_cost(spec, layout, bond_ranks(layout, rank, self.ring), input_shape)
 
     def _check_options(self, options: dict) -> None:
-        memory_limit(options, self.name)
+        memory_limit(options, self.name, MEMORY_LIMIT_ENV)
 
 
 # ---------------------------------------------------------------------- the method
@@ -680,7 +659,7 @@ class TT(_NetworkMethod):
     def _factorize(self, module, spec: LayerSpec, stats: Optional[LayerStats], rank, options: dict) -> Factors:
         layout = train_layout(spec)
         need = tt_svd_memory_bytes(layout.modes)
-        limit = memory_limit(options, self.name)
+        limit = memory_limit(options, self.name, MEMORY_LIMIT_ENV)
         if need > limit:
             raise RankTooLargeError(
                 f"method 'tt': layer {spec.describe()}: TT-SVD would need about {need / 1e9:.3g} GB, over the "

@@ -28,15 +28,11 @@ logger = logging.getLogger("autorank")
 
 __all__ = [
     "ChoicePlan", "CostModel", "Sensitivity", "repair", "local_moves", "fill", "to_plan", "uniform_plan", "greedy_plan",
-    "lagrangian_plan", "dense_plan", "describe_plan",
+    "lagrangian_plan", "describe_plan",
 ]
 
 #: {layer name: (method, rho)}; method "none" keeps the layer dense
 ChoicePlan = dict[str, tuple[str, float]]
-
-
-def dense_plan(choices: dict[str, LayerChoice]) -> ChoicePlan:
-    return {n: ("none", ch.rhos[-1]) for n, ch in choices.items()}
 
 
 def describe_plan(cp: ChoicePlan) -> str:
@@ -230,7 +226,7 @@ def local_moves(
     """Neighbours of a good plan, most promising first: one layer gets one more ρ step (or stays
     dense, or switches method at the same ρ), the others pay for it where it hurts least
     (:func:`repair` with that layer frozen), and budget left over is spent (:func:`fill`)."""
-    options = {n: [("none", ch.rhos[-1])] + [(m, r) for m in ch.methods if m != "none" for r in ch.rhos] for n, ch in choices.items()}
+    options = {n: _options(ch) for n, ch in choices.items()}
     out: list[ChoicePlan] = []
     for name in sorted(best, key=lambda n: -penalty(n, best[n])):
         method, rho = best[name]
@@ -247,6 +243,17 @@ def local_moves(
             if fits:
                 out.append(fill(fixed, options, cost, penalty))
     return out
+
+
+def cheapest_plan(choices: dict[str, LayerChoice], cost: CostModel) -> ChoicePlan:
+    """Per layer, the option (dense included) that costs least over the budget's metrics, relative to their limits."""
+    return {n: min(_options(ch), key=lambda o, n=n: sum(v / cost.limits[m] for m, v in cost.layer_delta(n, o).items() if m in cost.limits))
+            for n, ch in choices.items()}
+
+
+def _options(ch: LayerChoice) -> list[tuple[str, float]]:
+    """Every choice of a layer: dense, and each method at each grid ρ."""
+    return [("none", ch.rhos[-1])] + [(m, r) for m in ch.methods if m != "none" for r in ch.rhos]
 
 
 def _index(grid: tuple[float, ...], rho: float) -> int:
@@ -266,17 +273,6 @@ def best_uniform(method: str, choices: dict[str, LayerChoice], cost: CostModel) 
         if cost.fits(cost.costs(cp)):
             return rho, cp
     return None
-
-
-def _options(name: str, ch: LayerChoice, sens: Sensitivity) -> list[tuple[str, float]]:
-    """Every probed choice of a layer (dense included), as candidates for the allocators."""
-    out: list[tuple[str, float]] = [("none", ch.rhos[-1])]
-    for m in ch.methods:
-        if m == "none":
-            continue
-        for r in ch.rhos:
-            out.append((m, r))
-    return out
 
 
 def greedy_plan(choices: dict[str, LayerChoice], cost: CostModel, sens: Sensitivity) -> Optional[ChoicePlan]:
@@ -324,7 +320,7 @@ def lagrangian_plan(choices: dict[str, LayerChoice], cost: CostModel, sens: Sens
     metric = cost.objective_metric
     orig = cost.original[metric]
     table = {
-        name: [(c, sens.drop(name, c), cost.layer_delta(name, c)[metric] / orig) for c in _options(name, ch, sens)]
+        name: [(c, sens.drop(name, c), cost.layer_delta(name, c)[metric] / orig) for c in _options(ch)]
         for name, ch in choices.items()
     }
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import optuna
-import torch
 from torch import nn
 
 from autorank import methods as registry
@@ -39,7 +38,7 @@ from autorank.search.allocate import (
     CostModel,
     Sensitivity,
     best_uniform,
-    dense_plan,
+    cheapest_plan,
     describe_plan,
     greedy_plan,
     lagrangian_plan,
@@ -271,7 +270,7 @@ def search(
     if budget.needs_latency:
         latency = _latency_table(original, profile, choices, task, space, emit)
     cost = CostModel(profile, budget, space.align, latency)
-    cheapest = _cheapest(choices, cost)
+    cheapest = cheapest_plan(choices, cost)
     if not cost.fits(cost.costs(cheapest)):
         reached = ", ".join(f"{m} {100 * v:.1f}%" for m, v in cost.ratios(cost.costs(cheapest)).items())
         raise BudgetError(
@@ -326,15 +325,6 @@ def _version() -> str:
         return version("autorank")
     except Exception:  # pragma: no cover
         return "unknown"
-
-
-def _cheapest(choices: dict[str, LayerChoice], cost: CostModel) -> ChoicePlan:
-    """Per layer, the option (dense included) that costs least over the budget's metrics, relative to their limits."""
-    out: ChoicePlan = {}
-    for n, ch in choices.items():
-        opts = [("none", ch.rhos[-1])] + [(m, r) for m in ch.methods if m != "none" for r in ch.rhos]
-        out[n] = min(opts, key=lambda o: sum(v / cost.limits[m] for m, v in cost.layer_delta(n, o).items() if m in cost.limits))
-    return out
 
 
 def _recover_interrupted(study: optuna.Study, run: RunDir, cost: Optional[CostModel] = None) -> None:
@@ -478,8 +468,9 @@ def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, p
     the local moves exploit what the sensitivity table says about the best plan.
     """
     S = optuna.trial.TrialState
-    finished = len(_finished(study))
-    failed = sum(1 for t in _finished(study) if t.state == S.FAIL)
+    done_before = _finished(study)
+    finished = len(done_before)
+    failed = sum(1 for t in done_before if t.state == S.FAIL)
     inflight: dict[int, tuple[optuna.Trial, dict]] = {}
     t0 = time.perf_counter()
     started_with = finished

@@ -17,7 +17,7 @@ from autorank.tasks.base import (
     OptimizerSpec,
     call,
     check_finite,
-    make_optimizer,
+    make_schedule,
     primary_output,
     seeded,
     slice_batch,
@@ -188,11 +188,7 @@ class ClassificationTask(BaseTask):
         steps = int(steps)
         if steps <= 0:
             return model.eval()
-        opt = make_optimizer(self.optimizer, [p for p in model.parameters() if p.requires_grad], self.lr)
-        # cosine decay to zero over the run: short fine-tunes of a decomposed model keep what the
-        # data-aware initialisation got right (measured on the digits demo: a constant lr of 1e-3
-        # took a 98.1% plan down to 88.9% in 100 steps, the cosine schedule up to 98.3%)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+        opt, sched = make_schedule(self.optimizer, model, self.lr, steps)
         done = 0
         model.train()
         try:
