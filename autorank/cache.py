@@ -74,11 +74,6 @@ def weight_digest(t: torch.Tensor) -> str:
     return digest
 
 
-def _is_nested(method: BaseMethod, options: Optional[dict]) -> bool:
-    fn = getattr(method, "is_nested", None)
-    return bool(fn(options)) if callable(fn) else bool(method.nested)
-
-
 class FactorCache:
     """Factorizations in memory (LRU, bounded in bytes) and optionally on disk.
 
@@ -115,7 +110,7 @@ class FactorCache:
             "weight": weight_digest(module.weight),
             "stats": None if (stats is None or not method.data_aware) else stats.digest(),
             "options": method.options_key(options),
-            "rank": None if _is_nested(method, options) else (list(rank) if isinstance(rank, tuple) else rank),
+            "rank": None if method.is_nested(options) else (list(rank) if isinstance(rank, tuple) else rank),
         }
         return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
 
@@ -143,7 +138,7 @@ class FactorCache:
             self.disk_hits += 1
         else:
             self.misses += 1
-            factors = method.factorize(module, stats, None if _is_nested(method, options) else rank, options)
+            factors = method.factorize(module, stats, None if method.is_nested(options) else rank, options)
             self._write(k, factors)
         self._remember(k, factors)
         return factors

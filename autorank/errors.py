@@ -20,6 +20,8 @@ __all__ = [
     "SaveLoadError",
     "TaskError",
     "ExportError",
+    "TrainingError",
+    "SearchError",
 ]
 
 
@@ -82,3 +84,11 @@ class ExportError(AutorankError):
 class TaskError(AutorankError, ValueError):
     """A task that cannot be loaded or used: a bad task spec, a task object missing a method,
     data that does not fit the model, or model outputs that are NaN or not tensors."""
+
+
+class TrainingError(AutorankError, RuntimeError):
+    """A training-time method asked of a model it cannot apply to (e.g. folding into a frozen layer)."""
+
+
+class SearchError(AutorankError, ValueError):
+    """A search that cannot start (bad arguments, nothing to search)."""

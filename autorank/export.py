@@ -1,13 +1,4 @@
-"""Saving and loading decomposed models without pickled code.
-
-A saved model is one ``torch.save`` file holding only plain data and tensors:
-the model spec (how to rebuild the original architecture), the concrete plan
-(which layers are decomposed, how), and the state dict. :func:`load` reads it
-with ``torch.load(weights_only=True)``, rebuilds the architecture from the spec
-(or from a model instance you pass), swaps in skeletons of the decomposed layers
-and loads the weights: no code is unpickled.
-
-:func:`export_model` writes a model for deployment in one of three formats
+"""Export for deployment: :func:`export_model` writes a model for deployment in one of three formats
 (``pt``: this module's own file; ``onnx``; ``torchscript``), checks that the
 written file reproduces PyTorch's outputs, and records how it was made in a JSON
 sidecar next to it.
@@ -17,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -34,19 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from autorank.errors import AutorankError, ExportError, SaveLoadError
-from autorank.plan import Plan
-from autorank.surgery import apply_skeleton, plan_of
-from autorank.zoo import BUILTINS, SPEC_ATTR, example_input, load_model
+from autorank._version import __version__
+from autorank.errors import ExportError, SaveLoadError
+from autorank.saving import class_spec, load, read, save
+from autorank.surgery import plan_of
+from autorank.zoo import BUILTINS, SPEC_ATTR, example_input
 
 __all__ = [
-    "save",
-    "load",
-    "read",
-    "metadata",
-    "atomic_write_text",
-    "atomic_write_bytes",
-    "FORMAT",
     "EXPORT_FORMATS",
     "ExportReport",
     "Tolerance",
@@ -57,176 +41,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "autorank.model"
-VERSION = 1
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-#: mode of the files written here: what ``open()`` would give (mkstemp's temporary files are 0600)
-_FILE_MODE = 0o666 & ~_read_umask()
-
-
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    if path.exists() and path.is_dir():
-        raise SaveLoadError(f"output path is a directory: {path}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        raise SaveLoadError(f"output directory does not exist: {parent}")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename: a reader never sees half a file."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
-
-
-def _class_spec(model: nn.Module) -> Optional[str]:
-    """``module:Class`` when the model's class is importable and constructible without arguments."""
-    cls = type(model)
-    if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
-        return None
-    if cls.__module__.split(".")[0] == "torch":  # nn.Sequential() & co. build an empty container
-        return None
-    try:
-        sig = inspect.signature(cls.__init__)
-    except (TypeError, ValueError):
-        return None
-    params = list(sig.parameters.values())[1:]
-    required = [p for p in params if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if required or any(p.kind == p.VAR_POSITIONAL for p in params):
-        return None
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def save(model: nn.Module, path: Union[str, os.PathLike], *, spec: Optional[str] = None, metadata: Optional[dict] = None) -> Path:
-    """Save a (decomposed) model so that :func:`load` rebuilds it in another process.
-
-    ``spec``: how to rebuild the original architecture (see :mod:`autorank.zoo`);
-    default: the spec the model was loaded from, else its class when that is
-    importable and takes no arguments. Without one, :func:`load` needs ``model=``.
-    The file is written atomically.
-    """
-    if not isinstance(model, nn.Module):
-        raise SaveLoadError(f"save() expects an nn.Module, got {type(model).__name__}")
-    spec = spec or model.__dict__.get(SPEC_ATTR) or _class_spec(model)
-    plan = plan_of(model)
-    blob = {
-        "format": FORMAT,
-        "version": VERSION,
-        "spec": spec,
-        "plan": json.dumps(plan.to_dict()),
-        "metadata": json.dumps(metadata or {}, default=str),
-        "torch": str(torch.__version__),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    path = Path(path)
-    _atomic(path, lambda tmp: torch.save(blob, tmp))
-    return path
-
-
-def read(path: Union[str, os.PathLike]) -> dict:
-    """The raw contents of a saved file (weights_only), checked to be an autorank model."""
-    p = Path(path)
-    if not p.exists():
-        raise SaveLoadError(f"no such file: {p}")
-    if p.is_dir():
-        raise SaveLoadError(f"expected a file, got a directory: {p}")
-    try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SaveLoadError(f"{p} is not a readable autorank model file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise SaveLoadError(f"{p} is not an autorank model file (saved with autorank.save or `autorank decompose`)")
-    if int(blob.get("version", 0)) > VERSION:
-        raise SaveLoadError(f"{p} was written by a newer autorank (format version {blob['version']})")
-    return blob
-
-
-def load(
-    path: Union[str, os.PathLike],
-    model: Optional[nn.Module] = None,
-    *,
-    map_location: Union[str, torch.device, None] = None,
-) -> nn.Module:
-    """Load a model saved by :func:`save`, in eval mode.
-
-    ``model``: an instance of the original architecture to rebuild from (left
-    untouched; a copy is used) when the file holds no spec or to avoid importing it.
-    """
-    import copy
-
-    blob = read(path)
-    plan = Plan.from_dict(json.loads(blob["plan"]), source=str(path))
-    if model is not None:
-        base = copy.deepcopy(model)
-    elif blob.get("spec"):
-        base = load_model(blob["spec"])
-    else:
-        raise SaveLoadError(
-            f"{path} records no model spec; pass the original architecture: autorank.load(path, model=MyModel())"
-        )
-    try:
-        apply_skeleton(base, plan)
-    except AutorankError as exc:
-        raise SaveLoadError(f"{path}: the model does not match the saved plan: {exc}") from None
-    state = blob["state_dict"]
-    # give the skeletons real (uninitialised) storage, then copy values in place: unlike
-    # assign=True, this keeps tied parameters tied
-    for module in base.modules():
-        if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
-            module.to_empty(device="cpu", recurse=False)
-    try:
-        base.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        # torch's message starts "Error(s) in loading state_dict for X:"; the next line says what
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        first = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else "mismatch"
-        if len(first) > 300:
-            first = first[:300] + "..."
-        raise SaveLoadError(f"{path}: weights do not fit the model: {first}") from None
-    leftover = [n for n, p in list(base.named_parameters()) + list(base.named_buffers()) if p.device.type == "meta"]
-    if leftover:
-        raise SaveLoadError(f"{path}: no saved value for {leftover[0]}")
-    if map_location is not None:
-        base = base.to(map_location)
-    if blob.get("spec"):
-        base.__dict__[SPEC_ATTR] = blob["spec"]
-    return base.eval()
-
-
-def metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
-    """The spec, plan and metadata stored in a saved file (no model is built)."""
-    blob = read(path)
-    return {
-        "spec": blob.get("spec"),
-        "plan": json.loads(blob["plan"]),
-        "metadata": json.loads(blob.get("metadata", "{}")),
-        "torch": blob.get("torch"),
-    }
-
-
-# ====================================================================== export for deployment
 
 #: the formats :func:`export_model` writes
 EXPORT_FORMATS: tuple[str, ...] = ("pt", "onnx", "torchscript")
@@ -706,7 +520,7 @@ def export_model(
             raise ExportError(f"{target} exists; pass force=True to overwrite it")
     if fmt == "onnx":
         _require_onnx(path, need_runtime=check)
-    spec = spec or model.__dict__.get(SPEC_ATTR) or _class_spec(model)
+    spec = spec or model.__dict__.get(SPEC_ATTR) or class_spec(model)
     inputs = _example_inputs(example_inputs, spec, fmt, path)
     export, run = _EXPORTERS[fmt]
 
@@ -762,15 +576,13 @@ def export_model(
 
             files = [tmp, *extra]
             size = sum(f.stat().st_size for f in files)
-            import autorank
-
             described = {
                 "format": fmt,
                 "file": path.name,
                 "files": [f.name for f in files],
                 "bytes": size,
                 "sha256": _sha256(tmp),
-                "autorank": getattr(autorank, "__version__", None),
+                "autorank": __version__,
                 "torch": str(torch.__version__),
                 "spec": spec,
                 "plan": plan_of(model).to_dict(),

@@ -21,7 +21,10 @@ from typing import Any, Iterable, Optional, Union
 
 from torch import nn
 
+from autorank import methods as registry
+from autorank.candidates import candidate_layers
 from autorank.errors import PlanError, SaveLoadError
+from autorank.fileio import atomic_write_text
 
 __all__ = ["Plan", "LayerPlan", "RankValue"]
 
@@ -142,9 +145,6 @@ class Plan:
         ``include``/``exclude``: regular expressions on qualified names
         (``re.search``). Layers the method does not apply to are skipped.
         """
-        from autorank import methods as registry
-        from autorank.surgery import candidate_layers
-
         m = registry.get(method)
         inc = re.compile(include) if include else None
         exc = re.compile(exclude) if exclude else None
@@ -170,8 +170,6 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        from autorank.export import atomic_write_text
-
         atomic_write_text(Path(path), self.to_json() + "\n")
 
     def __len__(self) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from autorank.export import atomic_write_bytes
+from autorank.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

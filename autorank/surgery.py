@@ -1,13 +1,10 @@
-"""Find the layers of any nn.Module that can be decomposed, and swap them by qualified name.
+"""Swap layers of any nn.Module by qualified name: decompose a model by a plan, rebuild skeletons for load.
 
-Nothing is asked of the user's model: no base class, no attribute. Layers are
-found by type (Linear, GPT-2 Conv1D, Conv2d) and excluded, with a reason, when
-replacing them would change the model's behaviour:
-
-- a Linear owned by ``nn.MultiheadAttention`` (its weight is read by the fused
-  attention function, the module itself is never called);
-- a layer whose weight is shared with another module (tied weights);
-- a module registered at two places (the same instance reused).
+:func:`decompose` checks a plan against the model (:func:`resolve_plan`),
+factorizes each layer through the factor cache and returns a new model with the
+replacements swapped in; :func:`apply_skeleton` does the same with meta-device
+skeletons, for :func:`autorank.load`. Which layers are candidates is decided by
+:func:`autorank.candidates.candidate_layers`.
 """
 
 from __future__ import annotations
@@ -23,15 +20,16 @@ from torch import nn
 from autorank import methods as registry
 from autorank.cache import FactorCache, default_cache
 from autorank.calibration import Calibration, collect, record_input_shapes
+from autorank.candidates import candidate_layers
 from autorank.errors import NotApplicableError, UnknownLayerError
+from autorank.factor_layers import restore_structure
 from autorank.methods._base import BaseMethod, Rank, align_rank
-from autorank.methods._layers import Decomposed, layer_kind
+from autorank.methods._layers import Decomposed
 from autorank.plan import LayerPlan, Plan
 
 logger = logging.getLogger("autorank")
 
 __all__ = [
-    "candidate_layers",
     "set_submodule",
     "ResolvedLayer",
     "resolve_plan",
@@ -39,39 +37,6 @@ __all__ = [
     "plan_of",
     "apply_skeleton",
 ]
-
-
-def candidate_layers(model: nn.Module) -> dict[str, tuple[nn.Module, Optional[str]]]:
-    """Every Linear / Conv1D / Conv2d by qualified name, with None or the reason it is excluded."""
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
-    mha_children: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            for child, _ in module.named_modules():
-                if child:
-                    mha_children.add(f"{name}.{child}" if name else child)
-    places: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        places.setdefault(id(module), []).append(name)
-    out: dict[str, tuple[nn.Module, Optional[str]]] = {}
-    for name, module in model.named_modules():
-        if not name or layer_kind(module) is None:
-            continue
-        reason = None
-        others = [p for p in places.get(id(module), []) if p != name]
-        if others:
-            reason = f"the same module is also used as {others[0]} (shared module)"
-        elif name in mha_children:
-            reason = "owned by nn.MultiheadAttention, which reads its weight directly"
-        else:
-            shared = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
-            if shared:
-                reason = f"weight is shared with {shared[0]} (tied weights)"
-        out[name] = (module, reason)
-    return out
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -238,10 +203,8 @@ def apply_skeleton(model: nn.Module, plan: Plan) -> nn.Module:
 
 
 def _restore(replacement: Decomposed, options: Optional[dict]) -> Decomposed:
-    """Apply a plan entry's training-time options (``bias_after_fold``, ``fixed_point``; see autorank.training)."""
+    """Apply a plan entry's training-time options (``bias_after_fold``, ``fixed_point``; see autorank.factor_layers)."""
     if options and (options.get("bias_after_fold") or options.get("fixed_point")):
-        from autorank.training import restore_structure
-
         restore_structure(replacement, options)
     return replacement
 

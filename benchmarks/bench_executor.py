@@ -52,7 +52,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autorank.search.study import InProcessExecutor  # noqa: E402
+from autorank.search.executor_base import InProcessExecutor  # noqa: E402
 from autorank.tasks.base import BaseTask  # noqa: E402
 from tests.search_toys import toy_cnn  # noqa: E402
 

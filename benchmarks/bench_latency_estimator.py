@@ -7,7 +7,7 @@ For each model below:
    with probability 0.8 by a method drawn among svd / spatial-svd / tucker2
    (those that apply) at a kept fraction of FLOPs ρ drawn uniformly from
    [0.1, 0.9];
-3. fill a :class:`~autorank.cost.latency.LatencyTable` with what the plans need
+3. fill a :class:`~autorank.cost.latency_table.LatencyTable` with what the plans need
    (``build_table``: base model, dense layers, every (layer, method, rank)),
    each replacement measured alone on its real input shape;
 4. estimate each plan's latency from the table
@@ -73,21 +73,14 @@ import torch
 from torch import nn
 
 from autorank import methods as registry
-from autorank.cost.latency import (
-    LatencyTable,
-    Timing,
-    build_table,
-    device_name,
-    estimate_latency,
-    measure,
-    model_signature,
-    resolve_device,
-)
-from autorank.cost.latency import _random_fill_  # benchmark-only helper: random weights for skeletons
+from autorank.cost.latency import build_table, estimate_latency
+from autorank.cost.latency_table import LatencyTable, model_signature, random_fill_
+from autorank.cost.timing import Timing, device_name, measure, resolve_device
 from autorank.cost.profile import profile_model
 from autorank.errors import AutorankError
 from autorank.surgery import decompose, set_submodule
-from autorank.zoo import BertEncoder, demo, resnet50
+from autorank.models import BertEncoder
+from autorank.zoo import demo, resnet50
 
 METHODS = ("svd", "spatial-svd", "tucker2")
 RHO_RANGE = (0.1, 0.9)
@@ -173,7 +166,7 @@ def build_decomposed(model: nn.Module, profile, plan: dict, dev: torch.device) -
         rank = profile.concrete_rank(name, method, rho)
         rep = m.build(new.get_submodule(name), None, rank)
         rep.to_empty(device=dev)
-        _random_fill_(rep)
+        random_fill_(rep)
         set_submodule(new, name, rep)
     return new.eval()
 

@@ -18,7 +18,7 @@ the layer's FLOPs, fvcore's convention: one multiply-add = one FLOP; the rank is
 - **err**: relative error ‖f̂(x) − f(x)‖ / ‖f(x)‖ of the layer's output on random
   N(0, 1) inputs, with the weights the factorization gives (no fine-tuning);
 - **lat**: CPU latency of the replacement over the dense layer, both timed by
-  :func:`autorank.cost.latency.measure` with one thread, median of the samples,
+  :func:`autorank.cost.timing.measure` with one thread, median of the samples,
   measured side by side (dense, replacement, dense, replacement) so that the
   ratio is robust to the shared machine's load; ratios, not absolute times;
 - **fact s**: factorization time (wall clock). Nested methods (svd, spatial-svd,
@@ -60,7 +60,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autorank import methods  # noqa: E402
-from autorank.cost.latency import measure  # noqa: E402
+from autorank.cost.timing import measure  # noqa: E402
 from autorank.errors import AutorankError  # noqa: E402
 from autorank.methods import layer_spec  # noqa: E402
 

@@ -11,7 +11,7 @@ What it shows
     4. ``autorank.load`` of the ``.pt`` file, whose outputs must equal the front
        member's model exactly;
     5. the latency of the original and of the loaded compressed model, measured
-       with ``autorank.cost.latency.measure`` on one thread and the same inputs
+       with ``autorank.cost.timing.measure`` on one thread and the same inputs
        (batches of 1 and 32 digits), and their ratio.
 
 Run
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import autorank
-from autorank.cost.latency import measure
+from autorank.cost.timing import measure
 from autorank.tasks import demo_task
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 torch.set_num_threads(1)  # tests check behaviour, not speed; one thread avoids oversubscription
-# Ray reads this when imported; every process of a test cluster needs it (../shared/DESIGN.md)
+# Ray reads this when imported; every process of a test cluster needs it (docs/DESIGN.md, "Ray on these machines")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 

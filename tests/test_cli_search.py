@@ -208,7 +208,7 @@ def test_training_time_options_from_the_command_line(tmp_path):
     tuned = [json.loads(q.read_text()) for q in (out / "trials").glob("*.json")]
     tuned = [r for r in tuned if r.get("finetune")]
     assert tuned and "error" not in tuned[0]["finetune"], tuned[0].get("finetune")
-    from autorank.export import read
+    from autorank.saving import read
 
     blob = read(out / tuned[0]["finetune"]["weights"])
     dtypes = {v.dtype for v in blob["state_dict"].values()}

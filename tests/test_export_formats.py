@@ -16,7 +16,7 @@ import autorank.export as export_module
 from autorank.cache import FactorCache
 from autorank.errors import AutorankError, ExportError
 from autorank.export import ExportReport, Tolerance, _compare, default_tolerance, export_model, sidecar_path
-from autorank.zoo import BertEncoder, DigitsCNN
+from autorank.models import BertEncoder, DigitsCNN
 
 ATOL, RTOL = 1e-4, 1e-3  # the documented float32 tolerance, used to compare what we load back
 

@@ -22,21 +22,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from autorank import Plan
-from autorank.cost.latency import (
-    DeviceError,
-    LatencyError,
-    LatencyTable,
-    Timing,
-    align_plan,
-    align_rank,
-    build_table,
-    device_name,
-    estimate_latency,
-    layer_signature,
-    measure,
-    model_signature,
-    profile_latency_job,
-)
+from autorank.cost.latency import align_plan, build_table, estimate_latency
+from autorank.cost.latency_table import LatencyTable, layer_signature, model_signature
+from autorank.cost.timing import DeviceError, LatencyError, Timing, device_name, measure
+from autorank.methods._base import align_rank
+from autorank.search.latency import profile_latency_job
 from autorank.cost.profile import profile_model
 from autorank.errors import AutorankError, RankError
 from autorank.methods._base import align_rank as autorank_align
@@ -183,7 +173,7 @@ _CHILD = textwrap.dedent(
     """
     import json, sys, torch
     from torch import nn
-    from autorank.cost.latency import LatencyTable
+    from autorank.cost.latency_table import LatencyTable
     torch.manual_seed(0)
     layer = nn.Linear(16, 8)
     t = LatencyTable(sys.argv[1], threads=1, batch_size=4, warmup=1, repeats=3, min_time=0.0)

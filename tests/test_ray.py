@@ -1,6 +1,6 @@
 """The Ray executor on real Ray (no mocks): local workers, a two-node cluster, a killed worker, a killed driver.
 
-Ray on these machines (see DESIGN.md): nodes on loopback addresses 127.0.0.2 / 127.0.0.3,
+Ray on these machines (see docs/DESIGN.md): nodes on loopback addresses 127.0.0.2 / 127.0.0.3,
 RAY_AUTH_MODE=token in every process, ``ray stop --force`` in teardown. The last test checks
 that no Ray process is left behind.
 """
@@ -182,7 +182,7 @@ class TestLocalWorkers:
         assert res.front and ray.is_initialized()
 
     def test_latency_is_measured_by_a_ray_task_and_says_on_what(self, tmp_path):
-        from autorank.cost.latency import LatencyTable
+        from autorank.cost.latency_table import LatencyTable
         from autorank.search.executor import measure_latency_remote
 
         res = measure_latency_remote("tests.search_toys:toy_cnn", [1, 3, 8, 8], device="cpu", threads=1,

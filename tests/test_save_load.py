@@ -16,7 +16,7 @@ from torch import nn
 import autorank
 from autorank import FactorCache
 from autorank.errors import AutorankError, SaveLoadError
-from autorank.export import metadata
+from autorank.saving import metadata
 from autorank.methods import Decomposed
 
 DEMO_PLAN = {

@@ -9,7 +9,8 @@ from torch import nn
 import autorank
 from autorank.errors import NotApplicableError, UnknownLayerError
 from autorank.methods import Decomposed
-from autorank.surgery import candidate_layers, resolve_plan
+from autorank.candidates import candidate_layers
+from autorank.surgery import resolve_plan
 
 
 class Odd(nn.Module):

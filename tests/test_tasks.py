@@ -26,7 +26,8 @@ from autorank.tasks import (
     minilm_task,
 )
 from autorank.tasks import demo as demo_mod
-from autorank.zoo import DigitsCNN, _seeded, example_input
+from autorank.models import DigitsCNN, seeded
+from autorank.zoo import example_input
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -52,7 +53,7 @@ def trained_state(cache_dir) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def trained(trained_state) -> nn.Module:
-    model = _seeded(DigitsCNN)
+    model = seeded(DigitsCNN)
     model.load_state_dict(trained_state)
     return model.eval()
 
@@ -93,7 +94,7 @@ def test_digits_split_is_real_fixed_and_stratified():
 def test_trained_demo_is_accurate_and_random_init_is_not(trained, digits_task):
     acc = digits_task.evaluate(trained)
     assert acc >= 0.95, acc
-    assert digits_task.evaluate(_seeded(DigitsCNN)) <= 0.3
+    assert digits_task.evaluate(seeded(DigitsCNN)) <= 0.3
     assert digits_task.metric == "accuracy" and isinstance(digits_task, Task)
     assert tuple(example_input("demo").shape) == (1, 1, 8, 8)
     assert trained(example_input("demo")).shape == (1, 10)
@@ -133,7 +134,7 @@ def test_corrupt_demo_cache_is_retrained_not_crashed_on(tmp_path, monkeypatch, c
     elif damage == "foreign":
         torch.save({"something": torch.zeros(3)}, path)
     else:
-        demo_mod._write(path, _seeded(lambda: DigitsCNN(width=8)).state_dict(), 0.5)
+        demo_mod._write(path, seeded(lambda: DigitsCNN(width=8)).state_dict(), 0.5)
     with caplog.at_level(logging.WARNING, logger="autorank"):
         model = autorank.load_model("demo")
     assert calls == [1]
@@ -212,7 +213,7 @@ def test_classification_accepts_dict_batches_and_hf_outputs():
     y = x[:, :3].argmax(dim=1)
     batches = [{"features": x[i : i + 10], "labels": y[i : i + 10]} for i in range(0, 40, 10)]
     task = ClassificationTask(batches, batches, lr=0.05, max_eval_batches=2)
-    model = _seeded(Clf)
+    model = seeded(Clf)
     before = task.evaluate(model)
     task.finetune(model, 60, seed=0)
     assert task.evaluate(model) > before + 0.2
@@ -323,7 +324,7 @@ def test_fidelity_with_tuple_and_dict_inputs():
     tuple_batches = [(torch.randn(10, 6, generator=g), torch.randn(10, 3, generator=g)) for _ in range(5)]
     task = FidelityTask(tuple_batches, held_out=tuple_batches[:2], batch_size=4)
     assert len(task.held_out) == 6  # 10 samples in pieces of at most 4: 4, 4, 2 per batch
-    model = _seeded(_TwoInputs)
+    model = seeded(_TwoInputs)
     task.setup(model)
     assert task.evaluate(model) == pytest.approx(1.0, abs=1e-6)
     noisy = _perturbed(model, 0.5)
@@ -339,7 +340,7 @@ def test_fidelity_with_tuple_and_dict_inputs():
         for _ in range(3)
     ]
     task = FidelityTask(dict_batches)
-    hf = _seeded(_HFStyle)
+    hf = seeded(_HFStyle)
     task.setup(hf)
     assert task.metric == "cosine"
     assert task.evaluate(hf) == pytest.approx(1.0, abs=1e-6)
@@ -361,7 +362,7 @@ def test_fidelity_auto_is_top1_for_hf_classifier_logits():
 
     g = torch.Generator().manual_seed(0)
     task = FidelityTask([torch.randn(50, 5, generator=g) for _ in range(3)])
-    model = _seeded(Clf)
+    model = seeded(Clf)
     task.setup(model)
     assert task.metric == "top1-agreement"
     assert task.evaluate(model) == 1.0

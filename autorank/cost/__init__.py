@@ -7,20 +7,17 @@ from __future__ import annotations
 
 from autorank.cost.budget import Budget, BudgetError, check_reachable, parse_budget, smallest_reachable
 from autorank.cost.flops import count_flops, count_flops_torch, count_params
-from autorank.cost.latency import (
-    DeviceError,
-    LatencyTable,
-    Timing,
-    build_table,
-    estimate_latency,
-    measure,
-    profile_latency_job,
-)
+from autorank.cost.cost_model import ChoicePlan, CostModel
+from autorank.cost.latency import build_table, estimate_latency
+from autorank.cost.latency_table import LatencyTable
 from autorank.cost.profile import LayerProfile, ModelProfile, profile_model
+from autorank.cost.timing import DeviceError, Timing, measure
 
 __all__ = [
     "Budget",
     "BudgetError",
+    "ChoicePlan",
+    "CostModel",
     "DeviceError",
     "LatencyTable",
     "LayerProfile",
@@ -34,7 +31,6 @@ __all__ = [
     "estimate_latency",
     "measure",
     "parse_budget",
-    "profile_latency_job",
     "profile_model",
     "smallest_reachable",
 ]

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from autorank import methods as registry
 from autorank._format import format_count, format_seconds
 from autorank.errors import AutorankError
 
@@ -159,8 +160,6 @@ def smallest_reachable(profile, methods: Optional[list[str]] = None) -> dict[str
     ``methods``: the methods the search may use (default: all registered); a
     layer may also stay dense. Per metric, independently (a lower bound for both).
     """
-    from autorank import methods as registry
-
     allowed = set(registry.available() if methods is None else [registry.normalize_name(m) for m in methods])
     flops, params = profile.flops, profile.params
     for lp in profile.layers.values():

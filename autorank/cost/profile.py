@@ -17,10 +17,12 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from autorank import methods as registry
 from autorank.calibration import record_input_shapes
+from autorank.candidates import candidate_layers
 from autorank.cost.flops import count_flops, count_params
 from autorank.errors import NotApplicableError, RankError, UnknownLayerError
 from autorank.methods._base import Rank, align_rank, dense_cost
@@ -86,13 +88,24 @@ class ModelProfile:
     params: int
     layers: dict[str, LayerProfile]
     latency: Optional[float] = None
+    #: the example input the model was profiled on (CPU tensors), to measure the whole model at any batch size
+    example_inputs: Optional[tuple] = field(default=None, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def total(self) -> Cost:
         return Cost(self.params, self.flops)
 
-    def _delta(self, name: str, method: str, rank: Any, align: Optional[int] = None) -> tuple[int, int, Rank]:
+    def replacement_delta(self, name: str, method: str, rank: Any, align: Optional[int] = None) -> tuple[int, int, Rank]:
+        """``(Δparams, ΔFLOPs, concrete rank)`` of replacing layer ``name`` by ``method`` at ``rank``.
+
+        ``rank``: the method's own or a fraction ρ of the layer's FLOPs (the
+        largest rank within it, then rounded down to a multiple of ``align`` when
+        given, as :func:`autorank.decompose` does). The deltas are the
+        replacement's exact cost minus the dense layer's, on the layer's profiled
+        input shape; memoised. UnknownLayerError / NotApplicableError / RankError
+        name the layer.
+        """
         key = (name, method, rank if not isinstance(rank, list) else tuple(rank), align)
         hit = self._memo.get(key)
         if hit is not None:
@@ -143,13 +156,13 @@ class ModelProfile:
                 method, rank = entry
             if method == "none":
                 continue
-            dp, df, _ = self._delta(name, method, rank, align)
+            dp, df, _ = self.replacement_delta(name, method, rank, align)
             params += dp
             flops += df
         return Cost(params, flops)
 
     def concrete_rank(self, name: str, method: str, rank: Any) -> Rank:
-        return self._delta(name, method, rank)[2]
+        return self.replacement_delta(name, method, rank)[2]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -202,8 +215,6 @@ class _RankPath:
 
 def profile_model(model: nn.Module, example_inputs: Any) -> ModelProfile:
     """Profile ``model`` on ``example_inputs`` (a tensor or a tuple of tensors)."""
-    from autorank.surgery import candidate_layers
-
     cands = candidate_layers(model)
     if not cands:
         raise NotApplicableError(f"{type(model).__name__} has no layer autorank can decompose (Linear, Conv1D, Conv2d)")
@@ -230,4 +241,5 @@ def profile_model(model: nn.Module, example_inputs: Any) -> ModelProfile:
         flops=count_flops(model, inputs),
         params=count_params(model),
         layers=layers,
+        example_inputs=tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in inputs),
     )

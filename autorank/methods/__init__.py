@@ -18,6 +18,14 @@ from torch import nn
 from autorank.errors import UnknownMethodError
 from autorank.methods._base import BaseMethod, Factors, LayerStats, dense_cost
 from autorank.methods._layers import Cost, Decomposed, LayerSpec, layer_kind, layer_spec
+from autorank.methods.btd import BTD
+from autorank.methods.cp import CP
+from autorank.methods.dcf import DCF
+from autorank.methods.spatial_svd import SpatialSVD
+from autorank.methods.svd import SVD
+from autorank.methods.tr import TR
+from autorank.methods.tt import TT
+from autorank.methods.tucker2 import Tucker2
 
 __all__ = [
     "BaseMethod",
@@ -47,7 +55,11 @@ def normalize_name(name: str) -> str:
 
 
 def register(method: Union[BaseMethod, type], *, aliases: tuple[str, ...] = (), replace: bool = False) -> BaseMethod:
-    """Register a method (an instance or a class with a no-argument constructor)."""
+    """Register a method (an instance or a class with a no-argument constructor).
+
+    The registry accepts the method's :attr:`~BaseMethod.aliases` and ``aliases``
+    as other names for it.
+    """
     inst = method() if isinstance(method, type) else method
     if not isinstance(inst, BaseMethod):
         raise TypeError(f"{method!r} is not a BaseMethod")
@@ -57,7 +69,7 @@ def register(method: Union[BaseMethod, type], *, aliases: tuple[str, ...] = (), 
     if key in _REGISTRY and not replace:
         raise ValueError(f"method {key!r} is already registered")
     _REGISTRY[key] = inst
-    for a in aliases:
+    for a in (*inst.aliases, *aliases):
         _ALIASES[normalize_name(a)] = key
     return inst
 
@@ -96,23 +108,8 @@ def for_layer(module: nn.Module) -> dict[str, Optional[str]]:
 
 
 def _register_builtins() -> None:
-    from autorank.methods.btd import BTD
-    from autorank.methods.cp import CP
-    from autorank.methods.dcf import DCF
-    from autorank.methods.spatial_svd import SpatialSVD
-    from autorank.methods.svd import SVD
-    from autorank.methods.tucker2 import Tucker2
-    from autorank.methods.tr import TR
-    from autorank.methods.tt import TT
-
-    register(SVD, aliases=("channel-svd", "lowrank"))
-    register(SpatialSVD, aliases=("spatialsvd", "jaderberg"))
-    register(Tucker2, aliases=("tucker", "tucker-2"))
-    register(CP, aliases=("cp-als", "parafac"))
-    register(TT, aliases=("tensor-train", "tt-matrix"))
-    register(TR, aliases=("tensor-ring", "tr-matrix"))
-    register(BTD, aliases=("block-term", "block-term-decomposition"))
-    register(DCF, aliases=("dcfnet", "dct"))
+    for cls in (SVD, SpatialSVD, Tucker2, CP, TT, TR, BTD, DCF):
+        register(cls)
 
 
 _register_builtins()

@@ -104,21 +104,52 @@ COMMON_OPTIONS: dict[str, str] = {
 }
 
 
-def align_rank(rank: Rank, multiple: int, max_rank: Optional[Rank] = None) -> Rank:
-    """Round ``rank`` (int or tuple) down to a multiple of ``multiple``, never below it nor above ``max_rank``.
+def _align_one(r: int, multiple: int, mx: Optional[int], mode: str) -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise RankError(f"align_rank: a rank must be a positive integer, got {r!r}")
+    if mode == "nearest":
+        q = (r + multiple // 2) // multiple
+    elif mode == "down":
+        q = r // multiple
+    elif mode == "up":
+        q = -(-r // multiple)
+    else:
+        raise RankError(f"align_rank: mode must be nearest, down or up, got {mode!r}")
+    out = max(q, 1) * multiple
+    if mx is not None:
+        if isinstance(mx, bool) or not isinstance(mx, int) or mx < 1:
+            raise RankError(f"align_rank: max_rank must be a positive integer, got {mx!r}")
+        if out > mx:
+            out = (mx // multiple) * multiple if mx >= multiple else mx
+    return out
 
-    Factorized layers with ranks that are multiples of 8 or 16 map better to GPU
-    kernels; rounding down keeps a FLOPs budget met.
+
+def align_rank(rank: Rank, multiple: Optional[int], max_rank: Optional[Rank] = None, *, mode: str = "down") -> Rank:
+    """``rank`` rounded to a multiple of ``multiple`` (8 or 16 suit GPU tensor cores).
+
+    ``mode``: ``down`` (default, the rule of a plan entry's ``align`` option: a
+    FLOPs budget stays met), ``nearest`` (ties round up) or ``up``. The result is
+    never below ``multiple`` and never above ``max_rank`` (when given): when the
+    two conflict (``max_rank < multiple``) ``max_rank`` wins, since a larger rank
+    is invalid. Tuples (Tucker-2's ``(r_in, r_out)``) are aligned per component,
+    against a tuple ``max_rank`` or the same integer for every component.
+    ``multiple`` None leaves the rank as it is.
     """
-    if multiple is None or multiple <= 1:
+    if multiple is None:
         return rank
-    if isinstance(rank, tuple):
-        mx = max_rank if isinstance(max_rank, tuple) else (None,) * len(rank)
-        return tuple(align_rank(r, multiple, m) for r, m in zip(rank, mx))
-    r = max(multiple, (int(rank) // multiple) * multiple)
-    if max_rank is not None:
-        r = min(r, int(max_rank))
-    return r
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise RankError(f"align_rank: multiple must be a positive integer, got {multiple!r}")
+    if isinstance(rank, (tuple, list)):
+        if isinstance(max_rank, (tuple, list)):
+            if len(max_rank) != len(rank):
+                raise RankError(f"align_rank: rank {list(rank)} and max_rank {list(max_rank)} differ in length")
+            maxes = list(max_rank)
+        else:
+            maxes = [max_rank] * len(rank)
+        return tuple(_align_one(int(r), multiple, m, mode) for r, m in zip(rank, maxes))
+    if isinstance(max_rank, (tuple, list)):
+        raise RankError(f"align_rank: an integer rank {rank!r} needs an integer max_rank, got {list(max_rank)}")
+    return _align_one(rank, multiple, max_rank, mode)
 
 
 class BaseMethod:
@@ -148,6 +179,8 @@ class BaseMethod:
     rank_format: ClassVar[str] = "r"
     #: options a plan entry may give this method, with their help text
     options_help: ClassVar[dict[str, str]] = {}
+    #: other names the registry accepts for this method (normalised like the name)
+    aliases: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ applicability
     def applies(self, module: nn.Module) -> Optional[str]:
@@ -356,6 +389,26 @@ class BaseMethod:
     def options_key(self, options: Optional[dict]) -> dict:
         """The options that change what factorize() returns (part of the cache key)."""
         return {}
+
+    def is_nested(self, options: Optional[dict]) -> bool:
+        """Whether one factorization serves every rank for these options (the factor cache keys on it).
+
+        Default: :attr:`nested`. A method whose options switch to a per-rank
+        fit (Tucker-2's HOOI, for instance) overrides it.
+        """
+        return self.nested
+
+    def truncation_view(self, rank: Rank) -> Optional[tuple[str, Any]]:
+        """The low-rank set this method truncates a layer's weight onto at ``rank``, or None.
+
+        Used by force regularization (:func:`autorank.training.force_targets`) to
+        pull a weight toward exactly what the decomposition will keep: ``("filters",
+        r)`` (rank r of the per-group filter matrix, channel SVD), ``("spatial", r)``
+        (the (C·kh)×(N·kw) matrix of spatial SVD) or ``("tucker2", (r_in, r_out))``
+        (the two channel unfoldings). None (the default): the structure is not such
+        a truncation, and the weight is pulled toward the SVD rank of equal FLOPs.
+        """
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {

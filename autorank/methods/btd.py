@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw, dense_kernel_reason, memory_limit
+from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw, dense_cost, dense_kernel_reason, memory_limit
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, layer_spec, make_conv, nominal_input_shape, weight_matrix
-from autorank.methods.tucker2 import _core
+from autorank.methods.tucker2 import tucker_core
 
 __all__ = ["BTD", "btd_fit", "default_blocks", "DEFAULT_BLOCKS", "DEFAULT_SWEEPS"]
 
@@ -46,7 +46,7 @@ def _fit_block(t: torch.Tensor, r1: int, r2: int) -> tuple[torch.Tensor, torch.T
     n, c = t.shape[:2]
     u_out = _top_subspace(t.reshape(n, -1), r2)
     u_in = _top_subspace(t.transpose(0, 1).reshape(c, -1), r1)
-    core = _core(t, u_out, u_in)  # (r2, r1, kh, kw)
+    core = tucker_core(t, u_out, u_in)  # (r2, r1, kh, kw)
     recon = torch.einsum("bahw,nb,ca->nchw", core, u_out, u_in)
     return u_in, core, u_out, recon
 
@@ -139,6 +139,7 @@ class BTD(BaseMethod):
     """
 
     name = "btd"
+    aliases = ("block-term", "block-term-decomposition")
     layer_kinds = ("conv2d",)
     nested = False
     exact_at_max_rank = True
@@ -217,8 +218,6 @@ class BTD(BaseMethod):
 
     def rank_for(self, module_or_spec, rho: float, input_shape: Optional[Sequence[int]] = None) -> Rank:
         """The last rank of :meth:`rank_path` whose replacement keeps at most ``rho`` of the FLOPs."""
-        from autorank.methods._base import dense_cost
-
         spec = module_or_spec if isinstance(module_or_spec, LayerSpec) else layer_spec(module_or_spec)
         shape = tuple(input_shape) if input_shape is not None else nominal_input_shape(spec)
         target = rho * dense_cost(spec, shape).flops

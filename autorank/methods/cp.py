@@ -150,6 +150,7 @@ class CP(BaseMethod):
     """
 
     name = "cp"
+    aliases = ("cp-als", "parafac")
     layer_kinds = ("conv2d",)
     nested = False
     exact_at_max_rank = False

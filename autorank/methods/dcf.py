@@ -120,6 +120,7 @@ class DCF(BaseMethod):
     """
 
     name = "dcf"
+    aliases = ("dcfnet", "dct")
     layer_kinds = ("conv2d",)
     nested = True
     exact_at_max_rank = True

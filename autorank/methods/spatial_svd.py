@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from autorank.methods._base import BaseMethod, Factors, LayerStats, conv_out_hw
+from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 from autorank.methods._linalg import balanced_svd, data_aware_svd
 
@@ -47,6 +47,7 @@ class SpatialSVD(BaseMethod):
     """
 
     name = "spatial-svd"
+    aliases = ("spatialsvd", "jaderberg")
     layer_kinds = ("conv2d",)
     nested = True
     exact_at_max_rank = True
@@ -65,6 +66,9 @@ class SpatialSVD(BaseMethod):
 
     def rank_help(self) -> str:
         return "int r (per group for grouped convs), or fraction ρ of FLOPs in (0, 1]"
+
+    def truncation_view(self, rank: Rank) -> Optional[tuple[str, Any]]:
+        return ("spatial", int(rank))
 
     def _cost(self, spec: LayerSpec, rank: int, input_shape: tuple[int, ...]) -> Cost:
         r = int(rank)

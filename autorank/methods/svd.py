@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from autorank.methods._base import BaseMethod, Factors, LayerStats, conv_out_hw
+from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw
 from autorank.methods._layers import (
     Cost,
     LayerSpec,
@@ -51,6 +51,7 @@ class SVD(BaseMethod):
     """
 
     name = "svd"
+    aliases = ("channel-svd", "lowrank")
     layer_kinds = ("linear", "conv1d", "conv2d")
     nested = True
     exact_at_max_rank = True
@@ -72,6 +73,9 @@ class SVD(BaseMethod):
 
     def rank_help(self) -> str:
         return "int r (per group for grouped convs), or fraction ρ of FLOPs in (0, 1]"
+
+    def truncation_view(self, rank: Rank) -> Optional[tuple[str, Any]]:
+        return ("filters", int(rank))
 
     def _cost(self, spec: LayerSpec, rank: int, input_shape: tuple[int, ...]) -> Cost:
         r = int(rank)

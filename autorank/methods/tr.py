@@ -13,9 +13,9 @@ from autorank.errors import RankError, RankTooLargeError
 from autorank.methods._base import Factors, LayerStats, memory_limit
 from autorank.methods._layers import LayerSpec
 from autorank.methods._linalg import thin_svd
-from autorank.methods.tt import (
+from autorank.methods._tensor_network import (
     MEMORY_LIMIT_ENV,
-    _NetworkMethod,
+    NetworkMethod,
     bond_ranks,
     network_modules,
     train_layout,
@@ -192,7 +192,7 @@ def tr_als(
 
 
 # ---------------------------------------------------------------------- the method
-class TR(_NetworkMethod):
+class TR(NetworkMethod):
     """Tensor ring (TR) decomposition of a Linear (TR-matrix) or a Conv2d (ring of small convolutions).
 
     The layouts are those of ``tt`` (the same automatic split of in/out features
@@ -230,6 +230,7 @@ class TR(_NetworkMethod):
     """
 
     name = "tr"
+    aliases = ("tensor-ring", "tr-matrix")
     nested = False
     exact_at_max_rank = True
     data_aware = False

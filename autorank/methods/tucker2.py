@@ -13,7 +13,7 @@ from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, wei
 from autorank.methods._linalg import thin_svd
 from autorank.methods._vbmf import evbmf_rank
 
-__all__ = ["Tucker2", "hosvd_factors", "hooi_factors"]
+__all__ = ["Tucker2", "hosvd_factors", "hooi_factors", "tucker_core"]
 
 _INITS = ("hosvd", "hooi")
 #: HOOI sweeps at most this many times ...
@@ -49,7 +49,7 @@ def _mode_unfold(w: torch.Tensor, mode: int) -> torch.Tensor:
     return w.movedim(mode, 0).reshape(w.shape[mode], -1)
 
 
-def _core(w: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
+def tucker_core(w: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
     """``W ×0 U_outᵀ ×1 U_inᵀ``: (r_out, r_in, kh, kw)."""
     return torch.einsum("nchw,nb,ca->bahw", w, u_out, u_in)
 
@@ -64,7 +64,7 @@ def hosvd_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     w = w.detach().to(device="cpu", dtype=torch.float64)
     u_out = _orthonormal_basis(_mode_unfold(w, 0))
     u_in = _orthonormal_basis(_mode_unfold(w, 1))
-    return u_in, _core(w, u_out, u_in), u_out
+    return u_in, tucker_core(w, u_out, u_in), u_out
 
 
 def hooi_factors(
@@ -87,19 +87,19 @@ def hooi_factors(
     u_in_full, _, u_out_full = hosvd_factors(w)
     u_in, u_out = u_in_full[:, :r_in], u_out_full[:, :r_out]
     total = float((w * w).sum())
-    energy = float(_core(w, u_out, u_in).square().sum())
+    energy = float(tucker_core(w, u_out, u_in).square().sum())
     sweeps = 0
     for sweeps in range(1, max_iter + 1):
         y = torch.einsum("nchw,ca->nahw", w, u_in)  # W ×1 U_inᵀ
         u_out = _orthonormal_basis(_mode_unfold(y, 0))[:, :r_out]
         z = torch.einsum("nchw,nb->bchw", w, u_out)  # W ×0 U_outᵀ
         u_in = _orthonormal_basis(_mode_unfold(z, 1))[:, :r_in]
-        new = float(_core(w, u_out, u_in).square().sum())
+        new = float(tucker_core(w, u_out, u_in).square().sum())
         gain = new - energy
         energy = new
         if gain <= tol * total:
             break
-    return u_in.contiguous(), _core(w, u_out, u_in), u_out.contiguous(), sweeps
+    return u_in.contiguous(), tucker_core(w, u_out, u_in), u_out.contiguous(), sweeps
 
 
 # ---------------------------------------------------------------------- the method
@@ -134,6 +134,7 @@ class Tucker2(BaseMethod):
     """
 
     name = "tucker2"
+    aliases = ("tucker", "tucker-2")
     layer_kinds = ("conv2d",)
     nested = True
     exact_at_max_rank = True
@@ -197,6 +198,10 @@ class Tucker2(BaseMethod):
     def is_nested(self, options: Optional[dict]) -> bool:
         """True for HOSVD (one factorization serves every rank), False for HOOI."""
         return _init_of(options) == "hosvd"
+
+    def truncation_view(self, rank: Rank) -> Optional[tuple[str, Any]]:
+        r_in, r_out = _as_pair(rank)
+        return ("tucker2", (int(r_in), int(r_out)))
 
     # ------------------------------------------------------------------ cost
     def _cost(self, spec: LayerSpec, rank: Rank, input_shape: tuple[int, ...]) -> Cost:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from autorank.search.allocate import CostModel, Sensitivity
+from autorank.search.allocate import Sensitivity
 from autorank.search.result import FrontMember, PickError, SearchResult
 from autorank.search.rundir import RunDir, RunDirError
 from autorank.search.space import SearchSpace, SpaceError
-from autorank.search.study import SAMPLERS, SearchError, search
+from autorank.errors import SearchError
+from autorank.search.params import SAMPLERS
+from autorank.search.study import search
 
 __all__ = [
     "search", "SearchResult", "FrontMember", "SearchSpace", "SpaceError", "RunDir", "RunDirError", "PickError",
-    "SearchError", "CostModel", "Sensitivity", "SAMPLERS",
+    "SearchError", "Sensitivity", "SAMPLERS",
 ]

@@ -1,8 +1,7 @@
-"""Plans in the search's own terms — ``{layer: (method, ρ)}`` — their costs, repair and allocations.
+"""Plans in the search's own terms — ``{layer: (method, ρ)}`` — their repair and allocations.
 
-- :class:`CostModel`: exact FLOPs and parameters of a choice plan from the
-  profile's formulas (no tracing), estimated latency from a lookup table; the
-  budget's violation (Optuna's constraint value) and the cost objective.
+Costs come from :class:`autorank.cost.cost_model.CostModel`.
+
 - :func:`repair`: shrink an over-budget plan until it fits, one ρ step at a time
   where it hurts least (per the sensitivity table when there is one).
 - Allocations used as warm starts and as the baselines autorank is measured
@@ -20,19 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from autorank import methods as registry
-from autorank.cost.budget import Budget
+from autorank.cost.cost_model import ChoicePlan, CostModel
 from autorank.plan import LayerPlan, Plan
 from autorank.search.space import LayerChoice
 
 logger = logging.getLogger("autorank")
 
 __all__ = [
-    "ChoicePlan", "CostModel", "Sensitivity", "repair", "local_moves", "fill", "to_plan", "uniform_plan", "greedy_plan",
+    "Sensitivity", "repair", "local_moves", "fill", "to_plan", "uniform_plan", "greedy_plan",
     "lagrangian_plan", "describe_plan",
 ]
-
-#: {layer name: (method, rho)}; method "none" keeps the layer dense
-ChoicePlan = dict[str, tuple[str, float]]
 
 
 def describe_plan(cp: ChoicePlan) -> str:
@@ -43,73 +39,6 @@ def describe_plan(cp: ChoicePlan) -> str:
     dense = counts.pop("none", 0)
     text = " ".join(f"{m}×{k}" for m, k in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "dense"
     return text + (f" ({dense} dense)" if dense and counts else "")
-
-
-class CostModel:
-    """Costs of choice plans against one budget.
-
-    ``latency``: ``(table, base_latency_s)`` when the budget constrains latency;
-    per-layer latency deltas then come from the table (see
-    :func:`autorank.cost.latency.estimate_latency`).
-    """
-
-    def __init__(self, profile, budget: Budget, align: Optional[int] = None, latency: Optional[tuple[Any, float]] = None):
-        self.profile = profile
-        self.budget = budget
-        self.align = align
-        self.latency = latency
-        self.original: dict[str, float] = {"flops": float(profile.flops), "params": float(profile.params)}
-        if latency is not None:
-            self.original["latency"] = float(latency[1])
-        self.metrics = ("flops", "params") + (("latency",) if latency is not None else ())
-        self.limits = budget.limits(self.original)
-        self.objective_metric = budget.metrics[0]
-        self._memo: dict[tuple, dict[str, float]] = {}
-
-    def concrete_rank(self, name: str, method: str, rho: float):
-        return self.profile._delta(name, method, float(rho), self.align)[2]
-
-    def layer_delta(self, name: str, choice: tuple[str, float]) -> dict[str, float]:
-        """Change of each metric when layer ``name`` takes ``choice`` instead of staying dense."""
-        key = (name, choice)
-        hit = self._memo.get(key)
-        if hit is not None:
-            return hit
-        method, rho = choice
-        if method == "none":
-            d = {m: 0.0 for m in self.metrics}
-        else:
-            dp, df, rank = self.profile._delta(name, method, float(rho), self.align)
-            d = {"flops": float(df), "params": float(dp)}
-            if self.latency is not None:
-                from autorank.cost.latency import estimate_latency
-
-                table, base = self.latency
-                d["latency"] = estimate_latency(self.profile, {name: (method, rank)}, table, base_latency=base) - base
-        self._memo[key] = d
-        return d
-
-    def costs(self, cp: ChoicePlan) -> dict[str, float]:
-        out = dict(self.original)
-        for name, choice in cp.items():
-            for m, v in self.layer_delta(name, choice).items():
-                out[m] += v
-        return out
-
-    def violation(self, costs: dict[str, float]) -> float:
-        """Largest relative excess over a limit; <= 0 when the plan fits (Optuna's constraint value)."""
-        return max((costs[m] - lim) / lim if lim > 0 else costs[m] for m, lim in self.limits.items())
-
-    def fits(self, costs: dict[str, float]) -> bool:
-        return self.violation(costs) <= 1e-12
-
-    def objective(self, costs: dict[str, float]) -> float:
-        """The cost objective: the budget's first metric as a fraction of the original."""
-        m = self.objective_metric
-        return costs[m] / self.original[m]
-
-    def ratios(self, costs: dict[str, float]) -> dict[str, float]:
-        return {m: costs[m] / self.original[m] for m in self.metrics if self.original.get(m)}
 
 
 # ---------------------------------------------------------------------- sensitivity

@@ -1,9 +1,10 @@
 """Trials on Ray: one long-lived worker per concurrent trial, each holding its own :class:`TrialRunner`.
 
-All of autorank's Ray code lives in this module; the rest of the package runs
-without Ray. :class:`RayExecutor` has the interface of the search's
-``InProcessExecutor`` (``start``/``submit``/``wait``/``has_results``/``close``
-and ``concurrency``), so :func:`autorank.search.search` drives it with the same
+All of autorank's Ray code lives in this module, :mod:`autorank.search.ray_common`,
+:mod:`autorank.search.ray_worker` and :mod:`autorank.search.ray_tune`; the rest of
+the package runs without Ray. :class:`RayExecutor` has the interface of the search's executors
+(:class:`~autorank.search.executor_base.BaseExecutor`: ``start``/``submit``/``wait``/
+``has_results``/``running``/``close`` and ``concurrency``), so :func:`autorank.search.search` drives it with the same
 Optuna ask → repair → record → run → tell loop::
 
     from autorank.search import search
@@ -86,170 +87,43 @@ table with the device it was measured on.
 
 Ray on test machines: nodes on loopback addresses other than 127.0.0.1 (Ray maps
 127.0.0.1 to the network address), ``RAY_AUTH_MODE=token`` in every process, and
-``ray stop --force`` in teardown (see DESIGN.md).
+``ray stop --force`` in teardown (see docs/DESIGN.md).
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
-import queue
-import sys
-import tempfile
-import threading
 import time
 from typing import Any, Optional, Sequence
 
 from autorank.errors import AutorankError
+from autorank.search.executor_base import BaseExecutor
+from autorank.search.identity import model_identity
+from autorank.search.ray_common import (
+    LOCAL_NODE_IP,
+    WAIT_S,
+    RayExecutorError,
+    absolute_spec,
+    check_reachable,
+    crash_result,
+    driver_paths,
+    forwarded_env,
+    ray_module,
+)
+from autorank.search.ray_tune import TuneEngine
+from autorank.search.ray_worker import TrialWorker, latency_task
+from autorank.zoo import SPEC_ATTR
 
 logger = logging.getLogger("autorank")
 
 __all__ = ["RayExecutor", "RayExecutorError", "measure_latency_remote", "ENGINES", "LOCAL_NODE_IP"]
 
 ENGINES = ("actors", "tune")
-#: node address of a local Ray instance started by the executor: a loopback address Ray keeps as is
-#: (127.0.0.1 is mapped to the machine's network address); override with $AUTORANK_RAY_NODE_IP
-LOCAL_NODE_IP = "127.0.0.2"
-#: environment variables of the driver forwarded to the workers (prefixes and names)
-FORWARD_ENV_PREFIXES = ("AUTORANK_",)
-FORWARD_ENV_NAMES = ("OMP_WAIT_POLICY",)
-_WAIT_S = 0.05
 
 
-class RayExecutorError(AutorankError, RuntimeError):
-    """Ray could not be reached, or the workers could not be started."""
-
-
-def _ray():
-    # Ray 2.60 turns token authentication on for the clusters it starts and reads RAY_AUTH_MODE when
-    # it is imported; a process without it cannot start or join such a cluster ("Failed to start
-    # GCS", "InvalidAuthToken"). Keep authentication on: default it to token before the import.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    try:
-        import ray
-    except ImportError as exc:  # pragma: no cover - ray is a dependency
-        raise RayExecutorError("the Ray executor needs ray: pip install 'ray[tune]'") from exc
-    return ray
-
-
-# ---------------------------------------------------------------------- what runs on a worker
-_PROCESS: dict[str, Any] = {"builds": 0, "runner": None, "key": None}
-
-
-def _extend_sys_path(paths: Sequence[str]) -> None:
-    """Make the driver's project directories importable here (specs like ``tests.toys:build``)."""
-    for p in paths:
-        if p and p not in sys.path and os.path.isdir(p):
-            sys.path.append(p)
-
-
-def _build_runner(ship: dict) -> tuple[Any, Optional[str]]:
-    """A TrialRunner from a shipment; also a mismatch message when a spec built other weights than the driver's."""
-    import torch
-
-    _extend_sys_path(ship.get("paths", ()))
-    from autorank.search.trial import TrialRunner
-
-    if ship.get("load_threads"):  # build by spec as the driver did: some weights (SVD-shaped inits) depend on it
-        torch.set_num_threads(int(ship["load_threads"]))
-
-    mismatch = None
-    model = task = None
-    if ship.get("objects") is not None:
-        model, task = _ray().get(ship["objects"][0])
-    if ship.get("model_spec"):
-        from autorank.search.study import model_identity
-        from autorank.zoo import load_model
-
-        model = load_model(ship["model_spec"])
-        digest = model_identity(model)["weights"]
-        if ship.get("model_digest") and digest != ship["model_digest"]:
-            mismatch = (f"model spec {ship['model_spec']!r} builds other weights on the worker than in the driver "
-                        f"({digest} != {ship['model_digest']}): shipping the driver's model instead")
-    if ship.get("task_spec"):
-        from autorank.tasks import load_task
-
-        task = load_task(ship["task_spec"], ship.get("model_spec"))
-        fp = task.fingerprint() if hasattr(task, "fingerprint") else None
-        if mismatch is None and ship.get("task_fingerprint") is not None and fp != ship["task_fingerprint"]:
-            mismatch = f"task spec {ship['task_spec']!r} builds another task on the worker than in the driver: shipping the driver's"
-    if ship.get("threads"):
-        torch.set_num_threads(int(ship["threads"]))
-    runner = TrialRunner(model.eval(), task, calibrate=ship.get("calibrate"), cache_dir=ship.get("cache_dir"), setup=True)
-    _PROCESS["builds"] += 1
-    return runner, mismatch
-
-
-def _finish(res: dict, runner: Any) -> dict:
-    res = dict(res)
-    w = res.setdefault("where", {})
-    w.setdefault("pid", os.getpid())
-    w["runner_builds"] = _PROCESS["builds"]
-    return res
-
-
-class _TrialWorker:
-    """One Ray actor: builds its TrialRunner once (on its first call), then runs jobs on it.
-
-    The pickled model and task come with each call as a nested object ref (fetched only to build), not as
-    constructor arguments, so that a restarted actor rebuilds from the same object.
-    """
-
-    def __init__(self, ship: dict):
-        self.ship = ship
-        self.runner: Any = None
-        self.mismatch: Optional[str] = None
-        self.jobs = 0
-
-    def _ensure(self, objects: Optional[list]) -> Any:
-        if self.runner is None:
-            self.runner, self.mismatch = _build_runner({**self.ship, "objects": objects})
-        return self.runner
-
-    def ready(self, objects: Optional[list] = None) -> dict:
-        from autorank.search.trial import where
-
-        runner = self._ensure(objects)
-        return {**where(), "runner_builds": _PROCESS["builds"], "setup_s": runner.setup_s, "mismatch": self.mismatch}
-
-    def run(self, kind: str, payload: dict, objects: Optional[list] = None) -> dict:
-        runner = self._ensure(objects)
-        self.jobs += 1
-        return _finish(runner.run(kind, payload), runner)
-
-    def info(self) -> dict:
-        from autorank.search.trial import where
-
-        out = {**where(), "runner_builds": _PROCESS["builds"], "jobs": self.jobs}
-        if self.runner is not None:
-            out.update(cache=self.runner.cache.stats(), setup_s=self.runner.setup_s)
-        return out
-
-
-def _crash(exc: BaseException, last_where: Optional[dict], attempts: int) -> dict:
-    ray = _ray()
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if isinstance(exc, ray.exceptions.OutOfMemoryError):
-        kind = "OutOfMemory"
-    elif isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
-        kind = "WorkerCrashed"
-    elif isinstance(exc, ray.exceptions.RayTaskError):
-        cause = getattr(exc, "cause", None) or exc
-        kind = type(cause).__name__
-        first = (str(cause).strip().splitlines() or [kind])[0]
-    else:
-        kind = type(exc).__name__
-    msg = f"{kind}: the worker failed {attempts} time(s) running this trial; {type(exc).__name__}: {first}"
-    out: dict[str, Any] = {"error": msg[:500], "error_type": kind}
-    if last_where:
-        out["where"] = {k: v for k, v in last_where.items() if k in ("host", "pid", "node_id", "node_ip")}
-    return out
-
-
-# ---------------------------------------------------------------------- the executor
-class RayExecutor:
+class RayExecutor(BaseExecutor):
     """Runs the search's trials on Ray workers, ``workers`` at a time.
 
     ``address``: None (a local Ray instance sized to this machine, unless
@@ -298,19 +172,19 @@ class RayExecutor:
         self.start_timeout = float(start_timeout)
         self.name = f"ray-{engine}"
         self._owns_ray = False
-        self._impl: Optional[_ActorEngine | _TuneEngine] = None
+        self._impl: Optional[ActorEngine | TuneEngine] = None
         #: what each worker reported when the executor closed: pid, node, runner_builds, jobs, cache stats
         self.worker_info: list[dict] = []
 
     # ------------------------------------------------------------------ connect
     def _connect(self) -> None:
-        ray = _ray()
+        ray = ray_module()
         if ray.is_initialized():
             self._owns_ray = False
             return
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         if address:
-            _check_reachable(address)
+            check_reachable(address)
         try:
             if address:
                 ray.init(address=address, logging_level=logging.WARNING)
@@ -332,27 +206,23 @@ class RayExecutor:
         opts: dict[str, Any] = {"num_cpus": self.cpus_per_trial, "num_gpus": self.gpus_per_trial}
         if self.resources:
             opts["resources"] = dict(self.resources)
-        env = _forwarded_env()
+        env = forwarded_env()
         if env:
             opts["runtime_env"] = {"env_vars": env}
         return opts
 
     def _shipment(self, model, task, calibrate, cache_dir, model_spec, task_spec, pickled: bool) -> dict:
-        ray = _ray()
-        ship: dict[str, Any] = {"paths": _driver_paths(), "calibrate": calibrate, "cache_dir": cache_dir, "objects": None,
+        ray = ray_module()
+        ship: dict[str, Any] = {"paths": driver_paths(), "calibrate": calibrate, "cache_dir": cache_dir, "objects": None,
                                 "threads": max(1, int(round(self.cpus_per_trial)))}
-        from autorank.zoo import SPEC_ATTR
-
         if not pickled and model_spec:
             import torch
-
-            from autorank.search.study import model_identity
 
             ship["model_spec"] = model.__dict__.get(SPEC_ATTR) or model_spec
             ship["model_digest"] = model_identity(model)["weights"]
             ship["load_threads"] = torch.get_num_threads()
         if not pickled and task_spec:
-            ship["task_spec"] = _absolute_spec(task_spec)
+            ship["task_spec"] = absolute_spec(task_spec)
             ship["task_fingerprint"] = task.fingerprint() if hasattr(task, "fingerprint") else None
         need_model, need_task = not ship.get("model_spec"), not ship.get("task_spec")
         if need_model or need_task:
@@ -369,7 +239,7 @@ class RayExecutor:
         try:
             # Tune builds its runners inside trials, where a spec mismatch could not fall back: it always ships pickled
             ship = self._shipment(model, task, calibrate, cache_dir, model_spec, task_spec, pickled=self.engine == "tune")
-            engine_cls = _ActorEngine if self.engine == "actors" else _TuneEngine
+            engine_cls = ActorEngine if self.engine == "actors" else TuneEngine
             self._impl = engine_cls(self, ship)
             mismatch = self._impl.start()
             if mismatch:
@@ -407,7 +277,7 @@ class RayExecutor:
             self._impl.close()
             self._impl = None
         if self._owns_ray:
-            _ray().shutdown()
+            ray_module().shutdown()
             self._owns_ray = False
 
     def __enter__(self) -> "RayExecutor":
@@ -417,56 +287,13 @@ class RayExecutor:
         self.close()
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, with the address named, when nothing listens at HOST:PORT (Ray itself retries for minutes)."""
-    import socket
-
-    if address in ("auto", "local") or "://" in address:
-        return
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise RayExecutorError(f"Ray address {address!r}: expected auto or HOST:PORT, e.g. 10.0.0.5:6379")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise RayExecutorError(f"cannot reach the Ray cluster at {address}: {exc} "
-                               "(is `ray start --head` running there, and the port open?)") from None
-
-
-def _forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES) or k in FORWARD_ENV_NAMES}
-
-
-def _driver_paths() -> list[str]:
-    """The driver's project directories (cwd, PYTHONPATH, script dirs), not its installed packages."""
-    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    out: list[str] = []
-    for p in [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep), *sys.path]:
-        if not p:
-            continue
-        p = os.path.realpath(os.path.abspath(p))
-        if ("site-packages" in p or "dist-packages" in p or any(p == q or p.startswith(q + os.sep) for q in prefixes)
-                or not os.path.isdir(p) or p in out):
-            continue
-        out.append(p)
-    return out
-
-
-def _absolute_spec(spec: str) -> str:
-    target, sep, attr = spec.rpartition(":")
-    if sep and target.endswith(".py") and os.path.exists(target):
-        return f"{os.path.abspath(target)}:{attr}"
-    return spec
-
-
 # ---------------------------------------------------------------------- engine: actors
-class _ActorEngine:
+class ActorEngine:
     def __init__(self, ex: RayExecutor, ship: dict):
-        ray = _ray()
+        ray = ray_module()
         self.ex = ex
         self.ship = ship
-        self.cls = ray.remote(_TrialWorker)
+        self.cls = ray.remote(TrialWorker)
         self.actors: list[Any] = []
         self.wheres: dict[int, dict] = {}  # id(actor) -> where it runs
         self.pending: dict[Any, Any] = {}  # ready() ref -> actor, not yet usable
@@ -484,7 +311,7 @@ class _ActorEngine:
         return a
 
     def start(self) -> Optional[str]:
-        ray = _ray()
+        ray = ray_module()
         for _ in range(self.ex.workers):
             self._spawn()
         deadline = time.monotonic() + self.ex.start_timeout
@@ -503,7 +330,7 @@ class _ActorEngine:
         if not self.idle:
             raise RayExecutorError(
                 f"no Ray worker could be started in {self.ex.start_timeout:g} s: each needs {self._need()}; "
-                f"the cluster has {_ray().cluster_resources()}"
+                f"the cluster has {ray_module().cluster_resources()}"
             )
         if self.pending:
             logger.warning("%d of %d Ray workers are not placed yet; starting with %d", len(self.pending), self.ex.workers, len(self.idle))
@@ -514,7 +341,7 @@ class _ActorEngine:
 
     def _reap(self, ref: Any, fatal: bool = False) -> Optional[dict]:
         """A worker whose constructor finished: usable, or (its constructor failed) dropped."""
-        ray = _ray()
+        ray = ray_module()
         actor = self.pending.pop(ref)
         try:
             info = ray.get(ref)
@@ -533,7 +360,7 @@ class _ActorEngine:
 
     def _drop(self, actor: Any) -> None:
         try:
-            _ray().kill(actor, no_restart=True)
+            ray_module().kill(actor, no_restart=True)
         except Exception:  # pragma: no cover
             pass
         if actor in self.actors:
@@ -541,7 +368,7 @@ class _ActorEngine:
 
     def _poll_pending(self) -> None:
         if self.pending:
-            ready, _ = _ray().wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            ready, _ = ray_module().wait(list(self.pending), num_returns=len(self.pending), timeout=0)
             for ref in ready:
                 self._reap(ref)
 
@@ -563,7 +390,7 @@ class _ActorEngine:
         self._dispatch()
 
     def _collect(self, refs: list) -> None:
-        ray = _ray()
+        ray = ray_module()
         for ref in refs:
             ticket, actor = self.inflight.pop(ref)
             try:
@@ -572,7 +399,7 @@ class _ActorEngine:
                 if isinstance(res.get("where"), dict):  # the worker's current process (a restarted actor has a new pid)
                     self.wheres[id(actor)] = res["where"]
             except Exception as exc:
-                res = _crash(exc, self.wheres.get(id(actor)), self.ex.max_retries + 1)
+                res = crash_result(exc, self.wheres.get(id(actor)), self.ex.max_retries + 1)
                 logger.warning("trial %s: %s", ticket, res["error"])
                 if res["error_type"] in ("WorkerCrashed", "OutOfMemory"):  # the actor is gone for good: replace it
                     self._drop(actor)
@@ -583,11 +410,11 @@ class _ActorEngine:
             self.done.append((ticket, res))
 
     def wait(self) -> list[tuple[Any, dict]]:
-        ray = _ray()
+        ray = ray_module()
         self._poll_pending()
         self._dispatch()
         if self.inflight and not self.done:
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=_WAIT_S)
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=WAIT_S)
             if ready:
                 ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
             self._collect(ready)
@@ -595,7 +422,7 @@ class _ActorEngine:
             ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
             self._collect(ready)
         elif self.queue and self.pending:  # nothing placed yet: wait for a worker
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=_WAIT_S)
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=WAIT_S)
             for ref in ready:
                 self._reap(ref)
         self._dispatch()
@@ -606,7 +433,7 @@ class _ActorEngine:
         if self.done:
             return True
         if self.inflight:
-            ready, _ = _ray().wait(list(self.inflight), num_returns=1, timeout=0)
+            ready, _ = ray_module().wait(list(self.inflight), num_returns=1, timeout=0)
             return bool(ready)
         return bool(self.queue)
 
@@ -614,7 +441,7 @@ class _ActorEngine:
         return len(self.inflight) + len(self.queue)
 
     def info(self) -> list[dict]:
-        ray = _ray()
+        ray = ray_module()
         refs = [a.info.remote() for a in self.actors if any(a is b for b in self.idle)]
         out = []
         for ref in refs:
@@ -626,201 +453,13 @@ class _ActorEngine:
 
     def close(self, settle: bool = False) -> None:
         if settle and self.pending:  # let constructors finish first: a call cut short by kill is retried, noisily
-            _ray().wait(list(self.pending), num_returns=len(self.pending), timeout=60)
+            ray_module().wait(list(self.pending), num_returns=len(self.pending), timeout=60)
         for a in list(self.actors):
             self._drop(a)
         self.actors.clear()
         self.idle.clear()
         self.pending.clear()
         self.inflight.clear()
-
-
-# ---------------------------------------------------------------------- engine: Ray Tune
-class _TuneEngine:
-    """The same jobs through ``ray.tune.Tuner``: a Searcher fed by the driver's queue, a reusable class trainable."""
-
-    def __init__(self, ex: RayExecutor, ship: dict):
-        self.ex = ex
-        self.ship = ship
-        self.jobs: "queue.Queue[tuple[Any, str, dict]]" = queue.Queue()
-        self.results: "queue.Queue[tuple[Any, dict]]" = queue.Queue()
-        self.closing = threading.Event()
-        self.thread: Optional[threading.Thread] = None
-        self.error: Optional[BaseException] = None
-        self.submitted = 0
-        self.returned = 0
-        self.storage = tempfile.mkdtemp(prefix="autorank-tune-")
-        self.builds_seen: dict[tuple, dict] = {}
-
-    def start(self) -> Optional[str]:
-        from ray import tune
-
-        # results come back through the searcher: no per-trial result files, no console tables
-        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # "no result.json": by design
-        searcher = _make_searcher(self)
-        resources = {"cpu": self.ex.cpus_per_trial, "gpu": self.ex.gpus_per_trial, **self.ex.resources}
-        trainable = tune.with_resources(tune.with_parameters(_tune_trainable(), ship=self.ship), resources)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=self.ex.workers,
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(name="autorank", storage_path=self.storage, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=self.ex.max_retries),
-                                      checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
-        )
-
-        def fit() -> None:
-            try:
-                tuner.fit()
-            except BaseException as exc:  # surfaced by wait()
-                self.error = exc
-
-        self.thread = threading.Thread(target=fit, name="autorank-tune", daemon=True)
-        self.thread.start()
-        return None
-
-    def submit(self, ticket: Any, kind: str, payload: dict) -> None:
-        self.submitted += 1
-        self.jobs.put((ticket, kind, payload))
-
-    def _raise_if_dead(self) -> None:
-        if self.error is not None or (self.thread is not None and not self.thread.is_alive() and not self.closing.is_set()):
-            raise RayExecutorError(f"the Ray Tune run stopped: {self.error!r}")
-
-    def wait(self) -> list[tuple[Any, dict]]:
-        out = []
-        try:
-            if self.submitted > self.returned:
-                out.append(self.results.get(timeout=_WAIT_S))
-            while True:
-                out.append(self.results.get_nowait())
-        except queue.Empty:
-            pass
-        self.returned += len(out)
-        if not out:
-            self._raise_if_dead()
-        return out
-
-    def has_results(self) -> bool:
-        return not self.results.empty()
-
-    def running(self) -> int:
-        return self.submitted - self.returned
-
-    def info(self) -> list[dict]:
-        return list(self.builds_seen.values())
-
-    def close(self, settle: bool = False) -> None:
-        import shutil
-
-        self.closing.set()
-        if self.thread is not None:
-            self.thread.join(timeout=60)
-        for k in [k for k, v in _TUNE_ENGINES.items() if v is self]:
-            del _TUNE_ENGINES[k]
-        shutil.rmtree(self.storage, ignore_errors=True)
-
-
-_TUNE_ENGINES: dict[str, _TuneEngine] = {}
-
-
-def _make_searcher(engine: _TuneEngine):
-    from ray.tune.search import Searcher
-
-    key = f"{os.getpid()}-{id(engine)}"
-    _TUNE_ENGINES[key] = engine
-
-    class _QueueSearcher(Searcher):
-        """Tune's searcher: the jobs the driver's Optuna study asked for, in order.
-
-        It runs in the driver, next to the executor; it holds only the executor's key (Tune pickles its searcher).
-        """
-
-        def __init__(self) -> None:
-            super().__init__(metric="score", mode="max")
-            self.key = key
-            self.tickets: dict[str, Any] = {}
-
-        @property
-        def engine(self) -> _TuneEngine:
-            # imported at run time: a class defined in a function is pickled by value, with the globals it names
-            from autorank.search import executor
-
-            return executor._TUNE_ENGINES[self.key]
-
-        def set_search_properties(self, metric, mode, config, **spec) -> bool:
-            return True
-
-        def save(self, checkpoint_path: str) -> None:  # the driver's study is the searcher's state
-            pass
-
-        def restore(self, checkpoint_path: str) -> None:
-            pass
-
-        def suggest(self, trial_id: str):
-            engine = self.engine
-            if engine.closing.is_set():
-                return Searcher.FINISHED
-            try:
-                ticket, kind, payload = engine.jobs.get_nowait()
-            except queue.Empty:
-                return None
-            self.tickets[trial_id] = ticket
-            return {"autorank_job": json.dumps({"kind": kind, "payload": payload})}
-
-        def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-            engine = self.engine
-            if trial_id not in self.tickets:
-                return
-            ticket = self.tickets.pop(trial_id)
-            if error or not result or "autorank_result" not in result:
-                res = {"error": f"WorkerCrashed: the Tune trial failed {engine.ex.max_retries + 1} time(s)",
-                       "error_type": "WorkerCrashed"}
-            else:
-                res = json.loads(result["autorank_result"])
-                w = res.get("where", {})
-                engine.builds_seen[(w.get("node_id"), w.get("pid"))] = {**w, "jobs": None}
-            engine.results.put((ticket, res))
-
-    return _QueueSearcher()
-
-
-def _tune_trainable():
-    from ray import tune
-
-    class AutorankTrial(tune.Trainable):
-        """One job per Tune trial; the TrialRunner is built once per worker process and reused."""
-
-        def setup(self, config: dict, ship: Optional[dict] = None) -> None:
-            import json
-
-            from autorank.search import executor  # the module's own state, not a pickled copy
-
-            proc = executor._PROCESS
-            key = json.dumps(ship, sort_keys=True, default=str)  # the object ref prints as its id
-            if proc["runner"] is None or proc["key"] != key:
-                proc["runner"], _ = executor._build_runner(ship)
-                proc["key"] = key
-            self.config = config
-
-        def reset_config(self, new_config: dict) -> bool:
-            self.config = new_config
-            return True
-
-        def step(self) -> dict:
-            import json
-
-            from autorank.search import executor
-
-            job = json.loads(self.config["autorank_job"])
-            runner = executor._PROCESS["runner"]
-            res = executor._finish(runner.run(job["kind"], job["payload"]), runner)
-            score = res.get("score")
-            return {"autorank_result": json.dumps(res), "score": float("nan") if score is None else float(score), "done": True}
-
-    return AutorankTrial
 
 
 # ---------------------------------------------------------------------- latency on the target device
@@ -838,7 +477,7 @@ def measure_latency_remote(
 ) -> dict[str, Any]:
     """Measure ``model_spec``'s latency table on the Ray node that has the target device.
 
-    Runs :func:`autorank.cost.latency.profile_latency_job` as a Ray task that
+    Runs :func:`autorank.search.latency.profile_latency_job` as a Ray task that
     reserves ``num_cpus``, ``num_gpus`` (default: 1 when ``device`` is CUDA) and
     ``resources`` (e.g. ``{"accelerator_type:A100": 0.01}`` or a custom resource
     of the node with the target device). Connects like :class:`RayExecutor`
@@ -848,7 +487,7 @@ def measure_latency_remote(
     ``where`` (host, pid, node). ``job_kwargs``: ``batch_size``, ``threads``,
     ``candidates``, ``rhos``, ``clock``, ``table_dir``.
     """
-    ray = _ray()
+    ray = ray_module()
     ex = RayExecutor(address=address)
     ex._connect()
     try:
@@ -856,11 +495,11 @@ def measure_latency_remote(
         opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": gpus, "max_retries": 0}
         if resources:
             opts["resources"] = dict(resources)
-        env = _forwarded_env()
+        env = forwarded_env()
         if env:
             opts["runtime_env"] = {"env_vars": env}
         job_kwargs.setdefault("include_table", True)
-        ref = ray.remote(_latency_task).options(**opts).remote(_driver_paths(), model_spec, list(input_shape), device, job_kwargs)
+        ref = ray.remote(latency_task).options(**opts).remote(driver_paths(), model_spec, list(input_shape), device, job_kwargs)
         try:
             return ray.get(ref, timeout=timeout)
         except ray.exceptions.RayTaskError as exc:
@@ -870,13 +509,3 @@ def measure_latency_remote(
             raise RayExecutorError(f"latency measurement of {model_spec!r} on {device} failed: {cause or exc}") from exc
     finally:
         ex.close()
-
-
-def _latency_task(paths: list[str], model_spec: str, input_shape: list[int], device: str, kwargs: dict) -> dict:
-    _extend_sys_path(paths)
-    from autorank.cost.latency import profile_latency_job
-    from autorank.search.trial import where
-
-    out = profile_latency_job(model_spec, input_shape, device=device, **kwargs)
-    out["where"] = where()
-    return out

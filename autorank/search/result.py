@@ -10,9 +10,15 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from autorank.cost.budget import parse_budget
 from autorank.errors import AutorankError
+from autorank.export import export_model
 from autorank.plan import Plan
+from autorank.report import pareto_indices, plot_front
+from autorank.saving import load
 from autorank.search.rundir import RunDir
+from autorank.tasks import load_task
+from autorank.zoo import example_input
 
 logger = logging.getLogger("autorank")
 
@@ -94,8 +100,6 @@ class SearchResult:
         run = RunDir(self.run_dir)
         run.write_json("front.json", self.to_dict())
         try:
-            from autorank.report import plot_front
-
             plot_front(self.points(), self.run_dir, budget=self.budget_fraction(), cost_label=self.cost_label(),
                        score_label="score", title=f"autorank front — budget {self.budget}")
         except Exception as exc:  # plots are a convenience; a missing backend never fails a search
@@ -105,8 +109,6 @@ class SearchResult:
         return {"flops": "FLOPs (% of original)", "params": "parameters (% of original)", "latency": "latency (% of original)"}[self.cost_metric]
 
     def budget_fraction(self) -> Optional[float]:
-        from autorank.cost.budget import parse_budget
-
         for c in parse_budget(self.budget).constraints:
             if c.metric == self.cost_metric:
                 return c.value if c.relative else c.value / self.original[c.metric]
@@ -137,8 +139,6 @@ class SearchResult:
 
     def build(self, member: Union[FrontMember, int], original: Optional[nn.Module] = None) -> nn.Module:
         """The compressed model of a front member, with its (fine-tuned) weights."""
-        from autorank.export import load
-
         member = self.member(member) if isinstance(member, int) else member
         path = self.weights_path(member)
         if path is None or not path.exists():
@@ -156,8 +156,6 @@ class SearchResult:
     def export(self, member: Union[FrontMember, int], path: Union[str, Path], *, format: str = "pt", force: bool = False,
                example_inputs: Any = None):
         """Write a front member's model to ``path`` (pt, onnx or torchscript) with a JSON sidecar."""
-        from autorank.export import export_model
-
         member = self.member(member) if isinstance(member, int) else member
         model = self.build(member)
         if example_inputs is None:
@@ -243,13 +241,9 @@ def _example_inputs(run_dir: Path) -> Any:
     settings = RunDir(run_dir).settings()
     spec = (settings.get("model") or {}).get("spec")
     task_spec = (settings.get("task") or {}).get("spec")
-    from autorank.tasks import load_task
-
     try:
         return load_task(task_spec, spec).example_inputs()
     except AutorankError:
-        from autorank.zoo import example_input
-
         x = example_input(spec) if spec else None
         if x is None:
             raise
@@ -258,8 +252,6 @@ def _example_inputs(run_dir: Path) -> Any:
 
 def build_front(run: RunDir, study, cost, budget, base_score: float) -> SearchResult:
     """The Pareto front (score up, cost down) over the finished, feasible trials, best-known scores."""
-    from autorank.report import pareto_indices
-
     records = run.trial_records()
     rows = []
     for number, r in sorted(records.items()):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from autorank.errors import AutorankError
-from autorank.export import atomic_write_text
+from autorank.fileio import atomic_write_text
 
 __all__ = ["RunDir", "RunDirError", "IDENTITY_KEYS"]
 

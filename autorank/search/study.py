@@ -1,6 +1,6 @@
 """The search: an Optuna multi-objective study over per-layer (method, ρ), repaired to the budget.
 
-The path of one search (see ../DESIGN.md)::
+The path of one search (see docs/DESIGN.md)::
 
     profile → choices per layer (search space) → cost model (budget)
       → warm start: sensitivity table, uniform-ρ plans per method, greedy and
@@ -15,11 +15,8 @@ and the front reports their fine-tuned scores.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
-import math
 import tempfile
 import time
 import warnings
@@ -31,147 +28,31 @@ from torch import nn
 
 from autorank import methods as registry
 from autorank.cost.budget import Budget, BudgetError, check_reachable, parse_budget
+from autorank.cost.cost_model import ChoicePlan, CostModel
 from autorank.cost.profile import profile_model
-from autorank.errors import AutorankError, NotApplicableError
-from autorank.search.allocate import (
-    ChoicePlan,
-    CostModel,
-    Sensitivity,
-    best_uniform,
-    cheapest_plan,
-    describe_plan,
-    greedy_plan,
-    lagrangian_plan,
-    local_moves,
-    penalty_fn,
-    probe_rhos,
-    repair,
-    to_plan,
-)
+from autorank.errors import AutorankError, NotApplicableError, SearchError
+from autorank.report import pareto_indices
+from autorank.search.allocate import Sensitivity, cheapest_plan, describe_plan, local_moves, penalty_fn, repair, to_plan
+from autorank.search.executor_base import BaseExecutor, InProcessExecutor, run_one
+from autorank.search.finetune_stage import finetune_stage, materialize_front
+from autorank.search.identity import model_identity, task_identity
+from autorank.search.latency import latency_table_for, measure_front
+from autorank.search.params import DEFAULT_SAMPLER, SAMPLERS, choice_to_params, make_sampler, suggest
+from autorank.search.result import build_front
 from autorank.search.rundir import RunDir
-from autorank.search.space import LayerChoice, SearchSpace
-from autorank.search.trial import TrialRunner
+from autorank.search.space import SearchSpace
+from autorank.search.warm_start import enqueue_warm_start, measure_sensitivity
+from autorank.tasks import load_task
 from autorank.zoo import SPEC_ATTR, load_model
 
 logger = logging.getLogger("autorank")
 
-__all__ = ["search", "SAMPLERS", "make_sampler", "params_to_choice", "choice_to_params"]
+__all__ = ["search", "SearchError", "STUDY_NAME"]
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
-#: the default sampler, chosen by benchmarks/bench_search.py (see the README)
-DEFAULT_SAMPLER = "tpe"
 STUDY_NAME = "autorank"
 Progress = Callable[[dict[str, Any]], None]
 
 
-class SearchError(AutorankError, ValueError):
-    """A search that cannot start (bad arguments, nothing to search)."""
-
-
-# ---------------------------------------------------------------------- samplers and params
-def make_sampler(name: str, seed: int, n_layers: int) -> optuna.samplers.BaseSampler:
-    name = name.lower()
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10, constant_liar=True)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, min(50, 2 * n_layers + 4)))
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise SearchError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
-
-
-def _mkey(name: str) -> str:
-    return f"method:{name}"
-
-
-def _rkey(name: str) -> str:
-    return f"rho:{name}"
-
-
-def suggest(trial: optuna.Trial, choices: dict[str, LayerChoice], space: SearchSpace) -> ChoicePlan:
-    cp: ChoicePlan = {}
-    for name, ch in choices.items():
-        m = trial.suggest_categorical(_mkey(name), list(ch.methods))
-        if space.rho_step is not None and len(ch.rhos) > 1:
-            r = trial.suggest_float(_rkey(name), ch.rhos[0], ch.rhos[-1], step=space.rho_step)
-            r = min(ch.rhos, key=lambda g: abs(g - r))
-        else:
-            r = trial.suggest_categorical(_rkey(name), list(ch.rhos))
-        cp[name] = (m, float(r))
-    return cp
-
-
-def choice_to_params(cp: ChoicePlan) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, (m, r) in cp.items():
-        out[_mkey(name)] = m
-        out[_rkey(name)] = r
-    return out
-
-
-def params_to_choice(params: dict[str, Any], choices: dict[str, LayerChoice]) -> ChoicePlan:
-    return {n: (params[_mkey(n)], float(params[_rkey(n)])) for n in choices if _mkey(n) in params}
-
-
-# ---------------------------------------------------------------------- identity
-def model_identity(model: nn.Module) -> dict[str, Any]:
-    from autorank.cache import weight_digest
-
-    h = hashlib.blake2b(digest_size=8)
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(weight_digest(v.detach()).encode() if v.is_floating_point() else str(v.tolist()).encode()[:256])
-    return {
-        "spec": model.__dict__.get(SPEC_ATTR),
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "params": sum(p.numel() for p in model.parameters()),
-        "weights": h.hexdigest(),
-    }
-
-
-def task_identity(task: Any, spec: Optional[str]) -> dict[str, Any]:
-    fp = task.fingerprint() if hasattr(task, "fingerprint") else {"class": f"{type(task).__module__}.{type(task).__qualname__}"}
-    return {"spec": spec, **fp}
-
-
-# ---------------------------------------------------------------------- executors
-class InProcessExecutor:
-    """Runs trials one at a time in this process (the default without Ray)."""
-
-    name = "in-process"
-    concurrency = 1
-
-    def __init__(self) -> None:
-        self.runner: Optional[TrialRunner] = None
-        self._done: list[tuple[Any, str, dict]] = []  # queued jobs, run by wait()
-
-    def start(self, model: nn.Module, task: Any, *, calibrate: list[str], cache_dir: Optional[str], setup: bool = True, **_: Any) -> None:
-        self.runner = TrialRunner(model, task, calibrate=calibrate, cache_dir=cache_dir, setup=setup)
-
-    def submit(self, ticket: Any, kind: str, payload: dict) -> None:
-        assert self.runner is not None
-        self._done.append((ticket, kind, payload))
-
-    def wait(self) -> list[tuple[Any, dict]]:
-        """Runs the oldest queued job and returns its result (one at a time, so progress is reported per job)."""
-        if not self._done:
-            return []
-        ticket, kind, payload = self._done.pop(0)
-        return [(ticket, self.runner.run(kind, payload))]
-
-    def has_results(self) -> bool:
-        return bool(self._done)
-
-    def running(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        self.runner = None
-
-
-# ---------------------------------------------------------------------- the search
 def search(
     model: Union[nn.Module, str] = "demo",
     task: Any = None,
@@ -187,7 +68,7 @@ def search(
     warm_start: bool = True,
     sensitivity_points: int = 4,
     cache_dir: Union[str, Path, None] = None,
-    executor: Any = None,
+    executor: Optional[BaseExecutor] = None,
     progress: Optional[Progress] = None,
     measure_latency: bool = True,
     sensitivity: Union[Sensitivity, str, Path, None] = None,
@@ -210,9 +91,6 @@ def search(
     measuring it. ``local_every``: after this many sampler trials, one local move
     around the best plan so far (0: none; only with ``warm_start``).
     """
-    from autorank.search.result import build_front
-    from autorank.tasks import load_task
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t_start = time.perf_counter()
     emit = progress or (lambda _e: None)
@@ -268,7 +146,7 @@ def search(
     check_reachable(budget, profile, space.decomposable_methods())
     latency = None
     if budget.needs_latency:
-        latency = _latency_table(original, profile, choices, task, space, emit)
+        latency = latency_table_for(original, profile, choices, task, space, emit)
     cost = CostModel(profile, budget, space.align, latency)
     cheapest = cheapest_plan(choices, cost)
     if not cost.fits(cost.costs(cheapest)):
@@ -300,18 +178,18 @@ def search(
                 if not isinstance(sensitivity, Sensitivity):
                     sensitivity = Sensitivity.from_dict(json.loads(Path(sensitivity).read_text()))
                 run.write_json("sensitivity.json", sensitivity.to_dict())
-            sens = _sensitivity(run, executor, choices, cost, base, sensitivity_points, emit)
+            sens = measure_sensitivity(run, executor, choices, cost, base, sensitivity_points, emit)
             if not resuming or not study.trials:
-                _enqueue_warm_start(study, choices, cost, sens)
+                enqueue_warm_start(study, choices, cost, sens)
         penalty = penalty_fn(sens)
         _run_trials(study, run, executor, choices, space, cost, penalty, trials, emit, t_start, local_every if warm_start else 0)
-        _finetune_stage(study, run, executor, finetune, steps, seed, model_spec, emit, t_start, space.training)
+        finetune_stage(study, run, executor, finetune, steps, seed, model_spec, emit, t_start, space.training)
         result = build_front(run, study, cost, budget, base)
-        _materialize_front(result, run, executor, model_spec)
+        materialize_front(result, run, executor, model_spec)
     finally:
         executor.close()
     if measure_latency:
-        _measure_front(result, original, example, task)
+        measure_front(result, original, example, task)
     result.write()
     emit({"phase": "done", "elapsed_s": time.perf_counter() - t_start, "front_size": len(result.front)})
     result.model = original
@@ -366,89 +244,11 @@ def _base_score(run: RunDir, executor: Any, model: nn.Module, task: Any) -> floa
     saved = run.read_json("baseline.json")
     if saved is not None:
         return float(saved["score"])
-    res = _run_one(executor, "zero_shot", {"plan": {"layers": {}}})
+    res = run_one(executor, "zero_shot", {"plan": {"layers": {}}})
     if "error" in res:
         raise AutorankError(f"the task cannot score the original model: {res['error']}")
     run.write_json("baseline.json", {"score": res["score"], "time_evaluate_s": res.get("time_evaluate_s")})
     return float(res["score"])
-
-
-def _run_one(executor: Any, kind: str, payload: dict) -> dict:
-    executor.submit(0, kind, payload)
-    while True:
-        done = executor.wait()
-        if done:
-            return done[0][1]
-
-
-def _sensitivity(run, executor, choices, cost: CostModel, base: float, points: int, emit: Progress) -> Sensitivity:
-    saved = run.read_json("sensitivity.json")
-    if saved is not None:
-        return Sensitivity.from_dict(saved)
-    jobs = []
-    for name, ch in choices.items():
-        for m in ch.methods:
-            if m == "none":
-                continue
-            for r in probe_rhos(ch.rhos, points):
-                jobs.append((name, m, r))
-    sens = Sensitivity(base)
-    t0 = time.perf_counter()
-    pending = list(jobs)
-    inflight = 0
-    done_n = 0
-    while pending or inflight:
-        while pending and inflight < max(1, getattr(executor, "concurrency", 1)):
-            name, m, r = pending.pop(0)
-            plan = to_plan({name: (m, r)}, cost)
-            executor.submit((name, m, r), "zero_shot", {"plan": plan.to_dict()})
-            inflight += 1
-        for (name, m, r), res in executor.wait():
-            inflight -= 1
-            done_n += 1
-            score = res.get("score")
-            if score is None:
-                logger.warning("sensitivity of %s with %s at rho=%g failed: %s", name, m, r, res.get("error"))
-                score = -math.inf
-            sens.scores.setdefault(name, {}).setdefault(m, []).append((r, float(score) if math.isfinite(score) else base - 1.0))
-            emit({"phase": "sensitivity", "done": done_n, "total": len(jobs), "elapsed_s": time.perf_counter() - t0})
-        if inflight and not pending:
-            time.sleep(0.001)
-    for ms in sens.scores.values():
-        for pts in ms.values():
-            pts.sort()
-    run.write_json("sensitivity.json", sens.to_dict())
-    return sens
-
-
-def warm_start_plans(choices, cost: CostModel, sens: Optional[Sensitivity]) -> list[tuple[str, ChoicePlan]]:
-    """The baseline plans enqueued first: uniform ρ per method, greedy (AIMET), Lagrangian."""
-    plans: list[tuple[str, ChoicePlan]] = []
-    methods = sorted({m for ch in choices.values() for m in ch.methods if m != "none"})
-    for m in methods:
-        hit = best_uniform(m, choices, cost)
-        if hit is not None:
-            plans.append((f"uniform:{m}@{hit[0]:g}", hit[1]))
-    if sens is not None:
-        g = greedy_plan(choices, cost, sens)
-        if g is not None:
-            plans.append(("greedy", g))
-        lg = lagrangian_plan(choices, cost, sens)
-        if lg is not None:
-            plans.append(("lagrangian", lg))
-    seen, out = set(), []
-    for origin, cp in plans:
-        key = tuple(sorted(cp.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append((origin, cp))
-    return out
-
-
-def _enqueue_warm_start(study, choices, cost, sens) -> None:
-    for origin, cp in warm_start_plans(choices, cost, sens):
-        study.enqueue_trial(choice_to_params(cp), user_attrs={"origin": origin})
-        logger.info("warm start: %s (%s)", origin, describe_plan(cp))
 
 
 def _key(cp: ChoicePlan) -> tuple:
@@ -474,7 +274,7 @@ def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, p
     inflight: dict[int, tuple[optuna.Trial, dict]] = {}
     t0 = time.perf_counter()
     started_with = finished
-    conc = max(1, getattr(executor, "concurrency", 1))
+    conc = max(1, executor.concurrency)
     # plans tried so far and the scores of finished ones: for local moves around the best
     tried: set = set()
     scored: list[tuple[float, float, ChoicePlan]] = []
@@ -549,163 +349,14 @@ def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, p
                 "elapsed_s": time.perf_counter() - t_start, "remaining_s": rate * (total - finished),
                 **_front_stats(scored),
             })
-        if inflight and not _has_results(executor):
+        if inflight and not executor.has_results():
             time.sleep(0.002)
-
-
-def _has_results(executor) -> bool:
-    fn = getattr(executor, "has_results", None)
-    return True if fn is None else fn()
 
 
 def _front_stats(scored: list) -> dict[str, Any]:
     """Size of the zero-shot front and best score within budget, from the run's own (score, -cost) list
     (``study.best_trials`` deep-copies every trial: 0.3–0.6 s per call at a hundred trials)."""
-    from autorank.report import pareto_indices
-
     if not scored:
         return {"front_size": 0, "best_score": None}
     idx = pareto_indices([-c for _, c, _ in scored], [s for s, _, _ in scored])
     return {"front_size": len(idx), "best_score": max(s for s, _, _ in scored)}
-
-
-def promising(study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """Up to ``k`` feasible trials to fine-tune: successive zero-shot Pareto fronts, best score first."""
-    from autorank.report import pareto_indices
-
-    S = optuna.trial.TrialState
-    pool = [t for t in study.get_trials(deepcopy=False, states=(S.COMPLETE,)) if _feasible(t)]
-    chosen: list = []
-    while pool and len(chosen) < k:
-        idx = pareto_indices([t.values[1] for t in pool], [t.values[0] for t in pool])
-        layer = sorted((pool[i] for i in idx), key=lambda t: -t.values[0])
-        need = k - len(chosen)
-        if len(layer) <= need:
-            chosen.extend(layer)
-        else:  # the best, then spread over the cost range
-            rest = sorted(layer[1:], key=lambda t: t.values[1])
-            pick = [layer[0]] + [rest[round(i * (len(rest) - 1) / max(1, need - 2))] for i in range(need - 1)] if need > 1 else [layer[0]]
-            for t in pick:
-                if t not in chosen:
-                    chosen.append(t)
-        ids = {t.number for t in chosen} | {pool[i].number for i in idx}
-        pool = [t for t in pool if t.number not in ids]
-    return chosen[:k]
-
-
-def _feasible(t) -> bool:
-    c = [v for k, v in t.system_attrs.items() if k.startswith("constraints")]
-    vals = []
-    for v in c:
-        vals.extend(v if isinstance(v, (list, tuple)) else [v])
-    return all(float(v) <= 1e-12 for v in vals)
-
-
-def _finetune_stage(study, run: RunDir, executor, k: int, steps: int, seed: int, model_spec, emit: Progress, t_start: float,
-                    training: Optional[dict] = None) -> list:
-    if k <= 0 or steps <= 0:
-        return []
-    picks = promising(study, k)
-    todo = []
-    for t in picks:
-        rec = run.read_trial(t.number) or {}
-        if rec.get("finetune", {}).get("score") is not None:
-            continue
-        todo.append((t, rec))
-    done_n = len(picks) - len(todo)
-    emit({"phase": "finetune", "done": done_n, "total": len(picks), "elapsed_s": time.perf_counter() - t_start})
-    records = {t.number: rec for t, rec in todo}
-    for t, rec in todo:  # all at once: with several workers they fine-tune in parallel
-        payload = {
-            "plan": rec["plan"], "steps": steps, "seed": seed, "save_to": str(run.weights_path(t.number)), "training": training,
-            "spec": model_spec, "metadata": {"trial": t.number, "run": str(run.path.resolve())},
-        }
-        executor.submit(t.number, "finetune", payload)
-    pending = set(records)
-    while pending:
-        for number, res in executor.wait():
-            pending.discard(number)
-            rec = records[number]
-            if res.get("weights"):
-                res["weights"] = _relative(run, number)
-            rec["finetune"] = res
-            run.write_trial(number, rec)
-            done_n += 1
-            if "error" in res:
-                logger.warning("fine-tuning trial %d failed: %s", number, res["error"])
-            emit({"phase": "finetune", "done": done_n, "total": len(picks), "trial": number, "elapsed_s": time.perf_counter() - t_start})
-        if pending and not _has_results(executor):
-            time.sleep(0.01)
-    emit({"phase": "finetune", "done": done_n, "total": len(picks), "elapsed_s": time.perf_counter() - t_start})
-    return picks
-
-
-def _relative(run: RunDir, number: int) -> str:
-    """Weights paths are stored relative to the run directory, so that the directory can be moved."""
-    return run.weights_path(number).relative_to(run.path).as_posix()
-
-
-def _materialize_front(result, run: RunDir, executor, model_spec) -> None:
-    """Weights for every front member (zero-shot members are built from their plan and saved), in parallel."""
-    members = {}
-    for member in result.front:
-        if member.weights and (run.path / member.weights).exists():
-            continue
-        members[member.trial] = member
-        executor.submit(member.trial, "save", {"plan": member.plan.to_dict(), "save_to": str(run.weights_path(member.trial)),
-                                               "spec": model_spec, "metadata": {"trial": member.trial, "run": str(run.path.resolve())}})
-    while members:
-        for number, res in executor.wait():
-            member = members.pop(number)
-            if "error" in res:
-                logger.warning("could not save the weights of trial %d: %s", number, res["error"])
-                continue
-            member.weights = _relative(run, number)
-            rec = run.read_trial(number) or {}
-            rec["weights"] = member.weights
-            run.write_trial(number, rec)
-        if members and not _has_results(executor):
-            time.sleep(0.01)
-
-
-def _latency_table(model, profile, choices, task, space, emit: Progress):
-    """Latency lookup table for every (layer, method, ρ) the space allows, measured on the task's device."""
-    from autorank.cost.latency import build_table
-
-    device = getattr(task, "device", "cpu") or "cpu"
-    candidates = {n: [(m, r) for m in ch.methods if m != "none" for r in ch.rhos] for n, ch in choices.items()}
-    if space.align:
-        candidates = {n: [(m, r, {"align": space.align}) for m, r in c] for n, c in candidates.items()}
-    total = sum(len(v) for v in candidates.values())
-
-    def prog(done, tot, what):
-        emit({"phase": "latency", "done": done, "total": tot, "what": what})
-
-    table = build_table(model, profile, candidates, device=device, progress=prog, example_inputs=task.example_inputs())
-    base = profile.latency
-    if base is None:
-        from autorank.cost.latency import model_signature
-
-        base = table.get_model(model_signature(profile, table.batch_size))
-    logger.info("latency table: %d entries (%d candidates) on %s", len(table), total, table.device_name)
-    return table, float(base)
-
-
-def _measure_front(result, original: nn.Module, example: Any, task: Any) -> None:
-    """Measured latency of the original and of each front member, on the task's device, side by side."""
-    from autorank.cost.latency import measure
-
-    device = getattr(task, "device", "cpu") or "cpu"
-    inputs = example if isinstance(example, tuple) else (example,)
-    try:
-        base = measure(copy.deepcopy(original), inputs, device=device, threads=1, warmup=3, repeats=15)
-    except Exception as exc:  # pragma: no cover - measuring is informative, never fatal
-        logger.warning("could not measure the original's latency: %s", exc)
-        return
-    result.original_latency_s = base.median
-    for member in result.front:
-        try:
-            model = result.build(member, original)
-            member.latency_measured_s = measure(model, inputs, device=device, threads=1, warmup=3, repeats=15).median
-        except Exception as exc:  # pragma: no cover
-            logger.warning("could not measure trial %d: %s", member.trial, exc)

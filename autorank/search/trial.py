@@ -24,8 +24,10 @@ from autorank.cache import FactorCache
 from autorank.calibration import Calibration, collect
 from autorank.errors import AutorankError
 from autorank.plan import Plan
+from autorank.saving import save
 from autorank.surgery import decompose
-from autorank.training import apply_training, deployed_zero_shot, model_bytes
+from autorank.factor_layers import model_bytes
+from autorank.training.stage import apply_training, deployed_zero_shot
 
 logger = logging.getLogger("autorank")
 
@@ -169,8 +171,6 @@ class TrialRunner:
             out["score"] = score
             out["bytes"] = model_bytes(model)
             if save_to is not None:
-                from autorank.export import save
-
                 save(model.to("cpu"), save_to, spec=spec, metadata=metadata)
                 out["weights"] = str(save_to)
         except Exception as exc:
@@ -182,8 +182,6 @@ class TrialRunner:
         """Build a plan zero-shot and save it (autorank.save format), for front members not fine-tuned."""
         out: dict[str, Any] = {"where": where()}
         try:
-            from autorank.export import save
-
             save(self.build(Plan.from_dict(plan_dict)).to("cpu"), save_to, spec=spec, metadata=metadata)
             out["weights"] = str(save_to)
         except Exception as exc:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
 import torch
 from torch import nn
 
+from autorank.batches import call, to_device  # noqa: F401 - the tasks' batch helpers, imported from here by user tasks
 from autorank.errors import TaskError
 
 __all__ = ["Task", "BaseTask"]
@@ -83,26 +84,6 @@ class BaseTask:
     def fingerprint(self) -> dict:
         """What identifies this task in a run directory's settings (resume refuses a different one)."""
         return {"task": type(self).__module__ + "." + type(self).__qualname__, "name": self.name, "metric": self.metric}
-
-
-def to_device(inputs: Any, device: str | torch.device) -> Any:
-    """Move a tensor, or a tuple/list/dict of tensors, to ``device``."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(to_device(x, device) for x in inputs)
-    if isinstance(inputs, dict):
-        return {k: to_device(v, device) for k, v in inputs.items()}
-    return inputs
-
-
-def call(model: nn.Module, inputs: Any) -> Any:
-    """``model(*inputs)`` for a tuple, ``model(**inputs)`` for a dict, else ``model(inputs)``."""
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
 
 
 def seeded_generator(seed: int) -> torch.Generator:

@@ -4,7 +4,7 @@ The data is ``sklearn.datasets.load_digits`` (1,797 real 8×8 grayscale digits
 shipped inside scikit-learn, no download), pixel values scaled from 0..16 to
 0..1, shaped ``(N, 1, 8, 8)``, split 80/20 stratified with a fixed seed.
 
-:func:`trained_demo_model` trains :class:`~autorank.zoo.DigitsCNN` on the
+:func:`trained_demo_model` trains :class:`~autorank.models.DigitsCNN` on the
 training split with a fixed recipe (seeded, one torch thread, a few seconds of
 CPU) the first time it is needed on a machine, and caches the weights under the
 autorank cache directory (``$AUTORANK_CACHE_DIR``, else ``~/.cache/autorank``),
@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from autorank.fileio import atomic_write_bytes
+from autorank.models import DigitsCNN, seeded
 from autorank.tasks.classification import ClassificationTask
 
 logger = logging.getLogger("autorank")
@@ -85,9 +87,7 @@ def cache_root() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _recipe_hash() -> str:
-    from autorank.zoo import DigitsCNN, _seeded
-
-    shapes = {k: list(v.shape) for k, v in _seeded(DigitsCNN).state_dict().items()}  # caller's RNG untouched
+    shapes = {k: list(v.shape) for k, v in seeded(DigitsCNN).state_dict().items()}  # caller's RNG untouched
     blob = json.dumps({"recipe": RECIPE, "state_shapes": shapes}, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
@@ -106,14 +106,12 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
 def _train() -> tuple[dict[str, torch.Tensor], float]:
     """Train DigitsCNN with :data:`RECIPE`; the state dict and its validation accuracy."""
     global training_runs
-    from autorank.zoo import DigitsCNN, _seeded
-
     x_tr, y_tr, x_va, y_va = _split_tensors()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic and polite on shared machines
     start = time.perf_counter()
     try:
-        model = _seeded(DigitsCNN)
+        model = seeded(DigitsCNN)
         bs, epochs, lr = RECIPE["batch_size"], RECIPE["epochs"], RECIPE["lr"]
         per_epoch = (len(y_tr) + bs - 1) // bs
         opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -159,8 +157,6 @@ def _read(path: Path, model: torch.nn.Module) -> bool:
 
 
 def _write(path: Path, state: dict[str, torch.Tensor], acc: float) -> None:
-    from autorank.export import atomic_write_bytes
-
     buf = io.BytesIO()
     torch.save({"format": _FORMAT, "recipe": json.dumps(RECIPE, sort_keys=True), "val_accuracy": acc, "state_dict": state}, buf)
     try:
@@ -172,10 +168,8 @@ def _write(path: Path, state: dict[str, torch.Tensor], acc: float) -> None:
 
 def trained_demo_model(path: Optional[Path] = None) -> torch.nn.Module:
     """DigitsCNN trained on the digits (cached per machine; see the module docstring), in eval mode."""
-    from autorank.zoo import DigitsCNN, _seeded
-
     path = Path(path) if path is not None else demo_weights_path()
-    model = _seeded(DigitsCNN)
+    model = seeded(DigitsCNN)
     if not _read(path, model):
         state, acc = _train()
         model.load_state_dict(state)

@@ -21,20 +21,19 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Union
 
 from autorank.errors import TaskError
+from autorank.specs import resolve_target
 from autorank.tasks.base import TASK_ATTRIBUTES, TASK_METHODS, Task
+from autorank.tasks.demo import demo_task
+from autorank.tasks.text import minilm_task
 
 __all__ = ["BUILTIN_TASKS", "load_task", "check_task"]
 
 
 def _demo(device: str) -> Task:
-    from autorank.tasks.demo import demo_task
-
     return demo_task(device=device)
 
 
 def _minilm(device: str) -> Task:
-    from autorank.tasks.text import minilm_task
-
     return minilm_task(device=device)
 
 
@@ -80,9 +79,7 @@ def load_task(spec: Union[str, Task, None], model_spec: Optional[str] = None, *,
             f"task spec {spec!r}: not a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) and not of the form "
             "'package.module:callable' or 'file.py:callable'"
         )
-    from autorank.zoo import _resolve_target
-
-    obj = _resolve_target(spec, what="task spec", error=TaskError)
+    obj = resolve_target(spec, what="task spec", error=TaskError)
     is_task_object = all(callable(getattr(obj, m, None)) for m in TASK_METHODS) and not isinstance(obj, type)
     if callable(obj) and not is_task_object:
         try:

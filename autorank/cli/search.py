@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from autorank.errors import AutorankError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from autorank.cli.common import CLIError, get_console, pct
+from autorank.search.executor import RayExecutor
+from autorank.search.result import SearchResult
+from autorank.search.space import SearchSpace
+from autorank.search.study import search
 
 __all__ = ["add_commands"]
 
@@ -33,16 +40,6 @@ EXPORT_EXAMPLES = """examples:
   autorank export runs/demo-30flops --trial 12 -o demo.ts --format torchscript --force"""
 
 
-class CLIError(AutorankError):
-    """Bad command-line input not covered by a library error."""
-
-
-def _console(stderr: bool = False):
-    from autorank.cli import _console as c
-
-    return c(stderr)
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "", text.replace("%", "").replace("<=", "-").replace(",", "-")).strip("-.") or "run"
 
@@ -50,10 +47,6 @@ def _slug(text: str) -> str:
 def default_out(model: str, budget: str) -> Path:
     stem = Path(model.split(":")[0]).stem if (":" in model or model.endswith(".py")) else model
     return Path("runs") / f"{_slug(stem)}-{_slug(budget)}"
-
-
-def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _ms(s: Optional[float]) -> str:
@@ -72,11 +65,9 @@ class _Progress:
 
     def __enter__(self):
         if not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                console=_console(stderr=True), transient=False)
+                                console=get_console(stderr=True), transient=False)
             self.bar.__enter__()
         return self
 
@@ -106,22 +97,16 @@ class _Progress:
 
 
 def cmd_search(args) -> int:
-    from autorank.search import search
-
     out = Path(args.out) if args.out else default_out(args.model, args.budget)
-    console = _console()
+    console = get_console()
     if not args.json:
         console.print(f"autorank search: model [bold]{args.model}[/], budget [bold]{args.budget}[/], "
                       f"{args.trials} trials, run directory [bold]{out}[/]"
                       + (" (resuming)" if (out / "settings.json").exists() else ""))
     executor = None
     if args.address or args.workers > 1 or args.gpus_per_trial or args.resources:
-        from autorank.search.executor import RayExecutor
-
         executor = RayExecutor(address=args.address, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
                                gpus_per_trial=args.gpus_per_trial, resources=_resources(args.resources))
-    from autorank.search import SearchSpace
-
     space = SearchSpace.load(args.space)
     if args.bn_between_factors:
         space.training["bn_between_factors"] = True
@@ -164,14 +149,12 @@ def _resources(text: Optional[str]) -> Optional[dict]:
 
 
 def _print_front(result, console) -> None:
-    from rich.table import Table
-
     base = result.base_score
     t = Table(title=f"Pareto front — budget {result.budget} (base score {base:.4g}; FLOPs: one multiply-add = one FLOP)")
     for col in ("trial", "methods", "score", "FLOPs", "params", "latency", "fine-tuned", "origin"):
         t.add_column(col, overflow="fold")
     for m in result.front:
-        t.add_row(str(m.trial), m.summary, f"{m.score:.4g}", _pct(m.flops_ratio), _pct(m.params_ratio),
+        t.add_row(str(m.trial), m.summary, f"{m.score:.4g}", pct(m.flops_ratio), pct(m.params_ratio),
                   _ms(m.latency_measured_s), "yes" if m.finetuned else "no", m.origin)
     console.print(t)
     if result.original_latency_s:
@@ -180,13 +163,11 @@ def _print_front(result, console) -> None:
 
 # ---------------------------------------------------------------------- front
 def cmd_front(args) -> int:
-    from autorank.search import SearchResult
-
     result = SearchResult.load(args.run)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        console = _console()
+        console = get_console()
         _print_front(result, console)
     result.write()
     if not args.json:
@@ -219,8 +200,6 @@ def _seconds(text: Optional[str]) -> Optional[float]:
 
 
 def cmd_export(args) -> int:
-    from autorank.search import SearchResult
-
     if args.trial is None and args.pick is None:
         raise CLIError("choose a front member with --trial N or --pick smallest|best|knee")
     if args.pick is not None and args.pick not in ("smallest", "best", "knee"):
@@ -233,9 +212,9 @@ def cmd_export(args) -> int:
                          max_params=_fraction(args.max_params, "--max-params"),
                          max_latency=_seconds(args.max_latency), min_score=args.min_score)
     report = result.export(member, target, format=args.format, force=args.force)
-    console = _console()
+    console = get_console()
     console.print(f"exported trial {member.trial} ({member.summary}; score {member.score:.4g}, "
-                  f"FLOPs {_pct(member.flops_ratio)}, params {_pct(member.params_ratio)}) to {report.path} "
+                  f"FLOPs {pct(member.flops_ratio)}, params {pct(member.params_ratio)}) to {report.path} "
                   f"[{args.format}]; metadata in {report.sidecar}")
     if report.checked and report.max_abs_diff is not None:
         console.print(f"checked against PyTorch: max abs difference {report.max_abs_diff:.2e} (tolerance {report.tolerance})")

@@ -1,86 +1,63 @@
-"""The ``autorank`` command.
-
-Errors a user can cause print one line (``error: ...``) and exit with code 2;
-``--debug`` shows the traceback instead.
-"""
+"""``autorank methods``, ``plan``, ``profile`` and ``decompose``: the library without the search."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from autorank.errors import AutorankError, CalibrationError, PlanError
+from autorank import methods
+from autorank.candidates import candidate_layers
+from autorank.cli.common import CLIError, check_output, get_console, human, ms, parse_rank, parse_shape
+from autorank.cost.budget import check_reachable, parse_budget, smallest_reachable
+from autorank.cost.flops import count_flops
+from autorank.cost.profile import profile_model
+from autorank.cost.timing import measure
+from autorank.errors import CalibrationError, PlanError
+from autorank.fileio import atomic_write_text
+from autorank.plan import Plan
+from autorank.saving import save
+from autorank.surgery import decompose, resolve_plan
+from autorank.zoo import example_input, load_model
 
-__all__ = ["main", "build_parser"]
-
-EXIT_USAGE = 2
-
-
-class CLIError(AutorankError):
-    """Bad command-line input not covered by a library error."""
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    # piped output (scripts, CI logs) gets wide tables rather than rich's 80-column default
-    width = None if stream.isatty() else 160
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``1x3x224x224`` -> (1, 3, 224, 224)."""
-    try:
-        dims = tuple(int(p) for p in text.lower().replace(",", "x").split("x") if p.strip())
-    except ValueError:
-        raise CLIError(f"--input {text!r}: expected a shape such as 1x3x224x224") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise CLIError(f"--input {text!r}: expected positive dimensions such as 1x3x224x224")
-    return dims
+__all__ = ["add_commands", "EPILOG_MAIN"]
 
 
-def parse_rank(text: str):
-    """``0.5`` -> ρ, ``16`` -> int, ``16,32`` -> tuple, ``vbmf`` -> keyword."""
-    t = text.strip()
-    try:
-        if "," in t:
-            return tuple(int(p) for p in t.split(","))
-        if any(c in t for c in ".eE"):
-            return float(t)
-        return int(t)
-    except ValueError:
-        if t.isidentifier():
-            return t
-        raise CLIError(f"--rank {text!r}: expected an integer, integers separated by commas, or a fraction in (0, 1]") from None
+EPILOG_MAIN = """examples:
+  autorank search --budget 30%flops
+  autorank front runs/demo-30flops
+  autorank export runs/demo-30flops --pick best -o demo-small.pt
+  autorank methods
+  autorank plan --model demo
+  autorank profile --model demo
+  autorank decompose --model demo --method tucker2 --rank 0.5 -o demo-small.pt
+  autorank decompose --model mypkg.models:build --plan plan.json --input 1x3x224x224 -o small.pt
+"""
 
 
-# ---------------------------------------------------------------------- commands
 def cmd_methods(args) -> int:
-    from autorank import methods
-
     rows = [methods.get(n).describe() for n in methods.available()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.markup import escape
-    from rich.table import Table
-
     table = Table(title="autorank methods", show_lines=False)
     for col in ("method", "layers", "replacement", "rank (or ρ)", "data-aware", "reference"):
         table.add_column(col, overflow="fold")
     for r in rows:
         cells = (r["name"], ", ".join(r["layers"]), r["structure"], r["rank_format"], "yes" if r["data_aware"] else "no", r["reference"])
         table.add_row(*(escape(c) for c in cells))
-    console = _console()
+    console = get_console()
     console.print(table)
     console.print("A rank is the method's own, or a float ρ in (0, 1]: keep about ρ of the layer's FLOPs "
                   "(fvcore's convention: one multiply-add = one FLOP). `--json` gives details and options.")
@@ -88,8 +65,6 @@ def cmd_methods(args) -> int:
 
 
 def _load_model_and_input(args):
-    from autorank.zoo import example_input, load_model
-
     model = load_model(args.model)
     shape = parse_shape(args.input) if getattr(args, "input", None) else None
     return model, example_input(args.model, shape)
@@ -112,18 +87,7 @@ def _load_calibration(path: str) -> torch.Tensor:
     raise CalibrationError(f"calibration file {p}: expected a tensor or a list of tensors, got {type(obj).__name__}")
 
 
-def _check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise CLIError(f"{path} exists; pass --force to overwrite it")
-    if path.exists() and path.is_dir():
-        raise CLIError(f"{path} is a directory")
-    if not path.parent.exists():
-        raise CLIError(f"output directory does not exist: {path.parent}")
-
-
 def _fvcore_flops(model, x) -> Optional[int]:
-    from autorank.cost.flops import count_flops
-
     try:
         return count_flops(model, x)
     except Exception as exc:  # tracing can fail on exotic models: the summary then omits it
@@ -135,18 +99,7 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _human(n: Optional[float]) -> str:
-    if n is None:
-        return "?"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 def _make_plan(args, model):
-    from autorank.plan import Plan
-
     if args.plan and args.method:
         raise CLIError("give either --plan FILE or --method/--rank, not both")
     if args.plan:
@@ -162,9 +115,6 @@ def _make_plan(args, model):
 
 def cmd_plan(args) -> int:
     """Write (or print) a uniform plan: a starting point to edit."""
-    from autorank import methods
-    from autorank.surgery import candidate_layers
-
     model, _ = _load_model_and_input(args)
     if args.method:
         plan = _make_plan(args, model)
@@ -172,8 +122,6 @@ def cmd_plan(args) -> int:
         cands = candidate_layers(model)
         if not any(r is None for _, r in cands.values()):
             raise PlanError(f"model {args.model!r} has no layer autorank can decompose (Linear, Conv1D, Conv2d)")
-        from rich.table import Table
-
         table = Table(title=f"decomposable layers of {args.model}")
         for col in ("layer", "type", "shape", "methods that apply", "excluded because"):
             table.add_column(col, overflow="fold")
@@ -181,45 +129,38 @@ def cmd_plan(args) -> int:
             ok = [n for n, why in methods.for_layer(module).items() if why is None] if reason is None else []
             spec = methods.layer_spec(module)
             table.add_row(name, type(module).__name__, spec.describe(), ", ".join(ok) or "-", reason or "")
-        _console().print(table)
+        get_console().print(table)
         return 0
     text = plan.to_json() + "\n"
     if args.output:
         out = Path(args.output)
-        _check_output(out, args.force)
-        from autorank.export import atomic_write_text
-
+        check_output(out, args.force)
         atomic_write_text(out, text)
-        _console(stderr=True).print(f"wrote a plan of {len(plan)} layers to {out}")
+        get_console(stderr=True).print(f"wrote a plan of {len(plan)} layers to {out}")
     else:
         sys.stdout.write(text)
     return 0
 
 
 def cmd_decompose(args) -> int:
-    import autorank
-    from autorank.surgery import resolve_plan
-
     out = Path(args.output)
-    _check_output(out, args.force)
+    check_output(out, args.force)
     model, x = _load_model_and_input(args)
     plan = _make_plan(args, model)
     calibration = _load_calibration(args.calibration) if args.calibration else None
     resolve_plan(model, plan)  # fail fast on a bad plan, before any work
 
-    err = _console(stderr=True)
+    err = get_console(stderr=True)
     t0 = time.perf_counter()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn("decomposing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=err, transient=True, disable=args.quiet) as bar:
         task = bar.add_task("", total=len(plan))
-        small = autorank.decompose(
+        small = decompose(
             model, plan, calibration=calibration, example_inputs=x,
             progress=lambda done, total, name: bar.update(task, completed=done, description=name),
         )
     elapsed = time.perf_counter() - t0
-    autorank.save(small, out, metadata={"command": "decompose", "plan_source": args.plan or f"uniform {args.method} {args.rank}"})
+    save(small, out, metadata={"command": "decompose", "plan_source": args.plan or f"uniform {args.method} {args.rank}"})
 
     summary = {"output": str(out), "layers": len(plan), "seconds": round(elapsed, 3),
                "params_before": _params(model), "params_after": _params(small)}
@@ -234,15 +175,15 @@ def cmd_decompose(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    console = _console()
+    console = get_console()
     used = ", ".join(f"{n} x{c}" for n, c in plan.methods_used().items())
     console.print(f"decomposed {len(plan)} layers ({used}) in {elapsed:.2f}s -> [bold]{out}[/bold]")
-    console.print(f"params: {_human(summary['params_before'])} -> {_human(summary['params_after'])} "
+    console.print(f"params: {human(summary['params_before'])} -> {human(summary['params_after'])} "
                   f"({100 * summary['params_after'] / max(1, summary['params_before']):.1f}%)")
     if summary.get("flops_before"):
         fb, fa = summary["flops_before"], summary["flops_after"]
         pct = f" ({100 * fa / fb:.1f}%)" if fa else ""
-        console.print(f"FLOPs (fvcore, 1 multiply-add = 1 FLOP) on input {tuple(x.shape)}: {_human(fb)} -> {_human(fa)}{pct}")
+        console.print(f"FLOPs (fvcore, 1 multiply-add = 1 FLOP) on input {tuple(x.shape)}: {human(fb)} -> {human(fa)}{pct}")
     if "relative_output_error" in summary:
         console.print(f"relative output error on the example input: {summary['relative_output_error']:.4f}")
     console.print(f"load it with: autorank.load({str(out)!r})")
@@ -251,12 +192,6 @@ def cmd_decompose(args) -> int:
 
 def cmd_profile(args) -> int:
     """One row per candidate layer: shape, FLOPs, params, latency, methods and break-even ranks."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from autorank.cost.budget import check_reachable, parse_budget, smallest_reachable
-    from autorank.cost.profile import profile_model
-
     budget = parse_budget(args.budget) if args.budget else None
     model, x = _load_model_and_input(args)
     if x is None:
@@ -266,11 +201,9 @@ def cmd_profile(args) -> int:
     prof = profile_model(model, x)
     if not any(lp.applicable() for lp in prof.layers.values()):
         raise PlanError(f"model {args.model!r} has no layer any method can decompose")
-    err = _console(stderr=True)
+    err = get_console(stderr=True)
     if not args.no_latency:
-        from autorank.cost.latency import measure
-
-        with err.status(f"measuring latency on {args.device} ...", spinner="dots") if not args.json else _nullcontext():
+        with err.status(f"measuring latency on {args.device} ...", spinner="dots") if not args.json else contextlib.nullcontext():
             named = dict(model.named_modules())
             base = measure(model, x, device=args.device, threads=args.threads)
             prof.latency = base.median
@@ -306,11 +239,11 @@ def cmd_profile(args) -> int:
                     parts.append(f"{m} (≤{be})" if be is not None else f"{m} (never cheaper)")
             reasons = sorted({info["reason"] for info in d["methods"].values() if not info["applies"]})
             methods_text = ", ".join(parts) or ("none: " + "; ".join(reasons))
-        table.add_row(escape(lp.name), lp.type, lp.spec.describe(), _human(lp.dense.flops), _human(lp.dense.params),
-                      _ms(lp.latency), escape(methods_text))
+        table.add_row(escape(lp.name), lp.type, lp.spec.describe(), human(lp.dense.flops), human(lp.dense.params),
+                      ms(lp.latency), escape(methods_text))
     table.add_section()
-    table.add_row("[bold]total (model)[/bold]", "", "", _human(prof.flops), _human(prof.params), _ms(prof.latency), "")
-    console = _console()
+    table.add_row("[bold]total (model)[/bold]", "", "", human(prof.flops), human(prof.params), ms(prof.latency), "")
+    console = get_console()
     console.print(table)
     console.print("FLOPs: fvcore convention, one multiply-add = one FLOP. Break-even rank: above it the "
                   "decomposition costs more FLOPs than the dense layer.")
@@ -323,51 +256,13 @@ def cmd_profile(args) -> int:
     return 0
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _example(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randn(shape, generator=g, dtype=x.dtype if x.is_floating_point() else torch.float32)
 
 
-def _ms(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
-
-# ---------------------------------------------------------------------- parser
-EPILOG_MAIN = """examples:
-  autorank search --budget 30%flops
-  autorank front runs/demo-30flops
-  autorank export runs/demo-30flops --pick best -o demo-small.pt
-  autorank methods
-  autorank plan --model demo
-  autorank profile --model demo
-  autorank decompose --model demo --method tucker2 --rank 0.5 -o demo-small.pt
-  autorank decompose --model mypkg.models:build --plan plan.json --input 1x3x224x224 -o small.pt
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="autorank",
-        description="Low-rank compression of PyTorch models: per-layer method and rank.",
-        epilog=EPILOG_MAIN,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    from autorank import __version__
-
-    p.add_argument("--version", action="version", version=f"autorank {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_commands(sub) -> None:
+    """The library commands' parsers, added to ``sub`` (the ``autorank`` subparsers)."""
     m = sub.add_parser("methods", help="list the decomposition methods", epilog="examples:\n  autorank methods\n  autorank methods --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("--json", action="store_true", help="machine-readable output")
@@ -418,35 +313,3 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_decompose)
-
-    from autorank.cli_search import add_commands
-
-    add_commands(sub)
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_USAGE
-    try:
-        return int(args.func(args) or 0)
-    except AutorankError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-def entry() -> None:  # console script
-    sys.exit(main())
-
-
-if __name__ == "__main__":  # pragma: no cover
-    entry()

@@ -1,0 +1,5 @@
+"""``python -m autorank.cli``."""
+
+from autorank.cli import entry
+
+entry()

@@ -1,0 +1,349 @@
+"""Timing a module on a device: warm-up, repeated samples, median and quartiles.
+
+:func:`measure` times one module (a whole model or a single layer) on a device:
+warm-up, repeated samples, median and quartiles, CUDA events on a GPU, the torch
+thread count fixed for the measurement and recorded (then restored).
+:func:`device_name` is the stable name of the hardware behind a device, which
+keys every latency table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from autorank._format import format_seconds
+from autorank.errors import AutorankError
+
+__all__ = ["DeviceError", "LatencyError", "Timing", "measure", "device_name", "resolve_device", "combine_timings"]
+
+#: a timed sample on CPU/GPU is at least this long: tiny layers are called several times per sample
+_TARGET_SAMPLE_S = 1e-3
+_MAX_NUMBER = 10_000
+_MAX_SAMPLES = 100_000
+
+
+class DeviceError(AutorankError, ValueError):
+    """A device that is not available here (``cuda`` without CUDA, ``cuda:3`` out of range, ...)."""
+
+
+class LatencyError(AutorankError, ValueError):
+    """A latency that cannot be measured or looked up (missing table entry, meta-device module, ...)."""
+
+
+# ---------------------------------------------------------------------- devices
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``device`` as a :class:`torch.device`, checked to be usable here; DeviceError otherwise."""
+    if device is None:
+        device = "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"device {str(device)!r} is not a device name (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {str(device)!r} is not available: this machine has no usable CUDA (torch {torch.__version__})")
+        n = torch.cuda.device_count()
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if not 0 <= index < n:
+            raise DeviceError(f"device {str(device)!r} is not available: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return torch.device("cuda", index)
+    raise DeviceError(f"device {str(device)!r} is not supported for latency measurement (use cpu, cuda or cuda:N)")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Processor", "cpu model") and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    name = platform.processor() or ""
+    if not name and platform.system() == "Darwin":  # pragma: no cover - not on the CI machines
+        with contextlib.suppress(Exception):
+            import subprocess
+
+            name = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+    return name or f"unknown {platform.machine() or 'cpu'}"
+
+
+def device_name(device: Union[str, torch.device, None] = "cpu") -> str:
+    """A stable name of the hardware behind ``device``, used in table keys.
+
+    ``"cpu: <model name>"`` on CPU (from /proc/cpuinfo, else ``platform``);
+    the CUDA device's name (``"cuda: NVIDIA H100 80GB HBM3"``) on a GPU.
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    return f"cpu: {_cpu_model_name()}"
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _module_device(module: nn.Module) -> Optional[torch.device]:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
+# ---------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """Latency of one forward pass: statistics over timed samples, in seconds.
+
+    Each sample times ``number`` consecutive calls and is divided by ``number``
+    (tiny layers are called several times per sample so that the timer's own
+    cost is negligible). ``threads`` is the torch intra-op thread count during
+    the measurement; ``device`` the hardware's name (see :func:`device_name`).
+    """
+
+    median: float
+    p25: float
+    p75: float
+    min: float
+    repeats: int
+    warmup: int
+    threads: int
+    device: str
+    batch_size: int
+    number: int = 1
+    max: float = float("nan")
+    clock: str = "wall"
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        return (self.p75 - self.p25) / self.median if self.median > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spread"] = self.spread
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Timing":
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def __str__(self) -> str:
+        return (
+            f"{_fmt_s(self.median)} median (p25 {_fmt_s(self.p25)}, p75 {_fmt_s(self.p75)}, min {_fmt_s(self.min)}; "
+            f"{self.repeats}x{self.number} calls, {self.threads} threads, {self.device}, batch {self.batch_size})"
+        )
+
+
+def _fmt_s(s: float) -> str:
+    return format_seconds(s, ".3g")
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile of already sorted values (numpy's default)."""
+    n = len(sorted_values)
+    if n == 1:
+        return float(sorted_values[0])
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return float(sorted_values[lo] * (1 - frac) + sorted_values[hi] * frac)
+
+
+def _as_args(inputs: Any) -> tuple:
+    if isinstance(inputs, tuple):
+        return inputs
+    if isinstance(inputs, list):
+        return tuple(inputs)
+    return (inputs,)
+
+
+def _batch_of(args: tuple) -> int:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return int(a.shape[0]) if a.dim() > 0 else 1
+    return 1
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]) -> Iterator[int]:
+    """Fix torch's intra-op thread count for the block (None: keep the current one); restore it after."""
+    old = torch.get_num_threads()
+    if n is None:
+        yield old
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise LatencyError(f"threads must be a positive integer, got {n!r}")
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure(
+    module: nn.Module,
+    inputs: Any,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    warmup: int = 5,
+    repeats: int = 20,
+    threads: Optional[int] = None,
+    min_time: float = 0.0,
+    number: Optional[int] = None,
+    clock: str = "wall",
+) -> Timing:
+    """Time ``module(*inputs)`` on ``device``.
+
+    The module runs in eval mode under ``torch.inference_mode``, on ``device``
+    (moved there in place, and moved back and returned to its training mode
+    afterwards; nothing is deep-copied). ``inputs``: a tensor or a tuple of
+    tensors, moved to ``device``. ``threads`` fixes ``torch.set_num_threads``
+    during the measurement (default: the current count) and is restored after.
+
+    ``warmup`` untimed calls, then at least ``repeats`` samples, and more until
+    ``min_time`` seconds have been timed. Each sample times ``number``
+    consecutive calls (default: enough calls for about 1 ms, so that timer and
+    event overheads vanish for tiny layers). On CUDA, samples are timed with
+    CUDA events and the device is synchronised before results are read.
+
+    ``clock``: ``wall`` (default: elapsed time, the latency) or ``cpu`` (CPU
+    time of the calling thread, CPU device with ``threads=1`` only). With one
+    thread every kernel runs on the calling thread, so its CPU time is the
+    latency the layer would have on an idle core: on a shared, busy machine it
+    leaves out the time the thread waited for a core.
+
+    Raises :class:`DeviceError` for a device this machine does not have.
+    """
+    dev = resolve_device(device)
+    _check_clock(clock, dev, threads if threads is not None else torch.get_num_threads())
+    if warmup < 0 or repeats < 1:
+        raise LatencyError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    args = _as_args(inputs)
+    if any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
+        raise LatencyError(f"{type(module).__name__} has tensors on the meta device; load or initialise its weights first")
+    home = _module_device(module)
+    was_training = module.training
+    with _threads(threads) as n_threads:
+        try:
+            module.to(dev)
+            module.eval()
+            args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
+            on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+            with torch.inference_mode(), on_device:
+                samples, used_number = _time_calls(lambda: module(*args), dev, warmup, repeats, min_time, number, clock)
+        finally:
+            if home is not None and home != dev:
+                module.to(home)
+            module.train(was_training)
+    samples.sort()
+    return Timing(
+        median=_quantile(samples, 0.5),
+        p25=_quantile(samples, 0.25),
+        p75=_quantile(samples, 0.75),
+        min=samples[0],
+        max=samples[-1],
+        repeats=len(samples),
+        warmup=warmup,
+        threads=n_threads,
+        device=device_name(dev),
+        batch_size=_batch_of(args),
+        number=used_number,
+        clock=clock,
+    )
+
+
+def _check_clock(clock: str, dev: torch.device, threads: int) -> None:
+    if clock == "wall":
+        return
+    if clock != "cpu":
+        raise LatencyError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    if dev.type != "cpu" or threads != 1:
+        raise LatencyError(
+            f"clock='cpu' measures the calling thread's CPU time, which is the latency only on the CPU with threads=1 "
+            f"(got device {str(dev)!r}, threads={threads})"
+        )
+
+
+def _time_calls(
+    call: Callable[[], Any],
+    dev: torch.device,
+    warmup: int,
+    repeats: int,
+    min_time: float,
+    number: Optional[int],
+    clock: str = "wall",
+) -> tuple[list[float], int]:
+    """Per-call seconds of each sample, and the number of calls per sample."""
+    for _ in range(warmup):
+        call()
+    _sync(dev)
+    if number is None:
+        # one synchronised call tells how many make a sample of about _TARGET_SAMPLE_S
+        timer = time.perf_counter if clock == "wall" else time.thread_time
+        t0 = timer()
+        call()
+        _sync(dev)
+        one = timer() - t0
+        number = 1 if one >= _TARGET_SAMPLE_S else min(_MAX_NUMBER, max(1, int(math.ceil(_TARGET_SAMPLE_S / max(one, 1e-9)))))
+    number = max(1, int(number))
+    samples: list[float] = []
+    total = 0.0
+    if dev.type == "cuda":
+        while len(samples) < repeats or (total < min_time and len(samples) < _MAX_SAMPLES):
+            batch = []
+            for _ in range(repeats - len(samples) if len(samples) < repeats else repeats):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(number):
+                    call()
+                end.record()
+                batch.append((start, end))
+            torch.cuda.synchronize(dev)
+            for start, end in batch:
+                s = start.elapsed_time(end) / 1e3 / number
+                samples.append(s)
+                total += s * number
+        return samples, number
+    timer = time.perf_counter if clock == "wall" else time.thread_time
+    while len(samples) < repeats or (total < min_time and len(samples) < _MAX_SAMPLES):
+        t0 = timer()
+        for _ in range(number):
+            call()
+        dt = timer() - t0
+        samples.append(dt / number)
+        total += dt
+    return samples, number
+
+
+def combine_timings(timings: Sequence[Timing]) -> Timing:
+    """Several measurements of one thing, taken at different moments, as one (medians of their statistics)."""
+    if len(timings) == 1:
+        return timings[0]
+    med = lambda attr: _quantile(sorted(getattr(t, attr) for t in timings), 0.5)  # noqa: E731
+    first = timings[0]
+    return Timing(
+        median=med("median"), p25=med("p25"), p75=med("p75"), min=min(t.min for t in timings),
+        max=max(t.max for t in timings), repeats=sum(t.repeats for t in timings), warmup=first.warmup,
+        threads=first.threads, device=first.device, batch_size=first.batch_size, number=first.number, clock=first.clock,
+    )
