@@ -31,6 +31,8 @@ NOMINAL_GFLOPS = 40.0
 
 
 # ---------------------------------------------------------------------- the mathematics
+#: the tolerance is tested on the mean decrease over this many sweeps (one sweep's is noisy with line search)
+TOL_WINDOW = 5
 #: relative ridge added to every ALS normal-equation matrix (times its mean diagonal)
 RIDGE = 1e-6
 
@@ -186,11 +188,20 @@ def cp_als(
     MTTKRPs as GEMMs in ``dtype`` on the tensor's device (the two spatial modes
     share one contraction with the channel factors) and the normal equations
     solved by Cholesky in ``solve_dtype`` with a small ridge. The factor
-    columns are rebalanced after every sweep. Stops when the relative error
-    decreased by less than ``tol`` (relative) over a sweep, after
-    ``n_iter_max`` sweeps, or when the next sweep would take the estimated
-    work (:func:`cp_fit_gflop`) over ``max_gflop``; at least one sweep is run.
+    columns are rebalanced after every sweep, and from the second sweep on
+    each sweep is followed by an extrapolation along the last step, kept when
+    it lowers the error (Bro 1998). Stops when the relative error decreased by
+    less than ``tol`` of itself per sweep on average over the last
+    :data:`TOL_WINDOW` sweeps, when a sweep raised it (the previous iterate is
+    kept), after ``n_iter_max`` sweeps, or when the next sweep would take the
+    estimated work (:func:`cp_fit_gflop`) over ``max_gflop``; at least one
+    sweep is run, and the result is never worse than the initialisation.
     Deterministic for the same input, device and thread count.
+
+    The defaults were chosen by measurement (``benchmarks/bench_cp.py``): float32
+    and float64 solves gave the same errors to 4 digits at half the time; the
+    line search lowered the error reached in a given time; a tolerance of 1e-4
+    over 5 sweeps stops within about 0.5% of the error 200 sweeps reach.
     """
     t = torch.as_tensor(tensor).detach()
     if t.ndim != 4:
@@ -258,10 +269,11 @@ def cp_als(
                 factors, grams, m0, err = cand, cg, cm0, cerr  # m0 serves the next sweep's first mode
                 work -= gemm_gf
         errors.append(err)
-        if len(errors) > 1 and errors[-2] - err < tol * errors[-2]:
+        if len(errors) > 1 and err > errors[-2]:  # the sweep made it worse (rounding, ridge): keep the previous iterate
+            factors, converged = start, True
+            break
+        if len(errors) > TOL_WINDOW and errors[-1 - TOL_WINDOW] - err < TOL_WINDOW * tol * errors[-1 - TOL_WINDOW]:
             converged = True
-            if err > errors[-2]:  # the sweep made it worse (rounding, ridge): keep the previous iterate
-                factors = start
             break
     if not all(bool(torch.isfinite(f).all()) for f in factors):
         raise RankError(f"CP-ALS at rank {rank} produced non-finite factors")
@@ -332,7 +344,8 @@ class CP(BaseMethod):
     Options
     -------
     n_iter_max : ALS sweeps at most (default 200).
-    tol : stop when a sweep lowers the relative error by less than this fraction of it (default 1e-4).
+    tol : stop when the sweeps lower the relative error by less than this fraction of it per sweep,
+        averaged over the last 5 (default 1e-4).
     max_gflop : estimated work of one fit at most, in GFLOP (default 500: 10-15 s on 2 shared CPU cores,
         well under a second on a data-centre GPU, where a larger value buys more sweeps).
     memory_limit_bytes : refuse ranks whose ALS would need more memory (default
@@ -372,7 +385,8 @@ class CP(BaseMethod):
 
     options_help = {
         "n_iter_max": f"CP-ALS sweeps at most (default {DEFAULT_N_ITER_MAX})",
-        "tol": f"stop when a sweep lowers the relative error by less than this fraction of it (default {DEFAULT_TOL:g})",
+        "tol": f"stop when the sweeps lower the relative error by less than this fraction of it per sweep, "
+               f"averaged over the last {TOL_WINDOW} (default {DEFAULT_TOL:g})",
         "max_gflop": f"estimated work of one CP-ALS fit at most, GFLOP (default {DEFAULT_MAX_GFLOP:g}); "
                      f"ranks that cannot run {MIN_SWEEPS} sweeps within it are refused",
         "memory_limit_bytes": "refuse ranks whose CP-ALS needs more memory (default 4 GiB or $AUTORANK_CP_MEMORY_LIMIT)",
