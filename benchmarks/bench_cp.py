@@ -188,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--space", default="cnn", help="search space whose rho grid gives the probes (default cnn)")
     ap.add_argument("--layers", default="", help="regex: only these layers (default every 3x3 conv)")
     ap.add_argument("--old", action="store_true", help="also run the old TensorLy path")
-    ap.add_argument("--old-layers", default=r"^layer1\.0\.conv1$|^layer2\.0\.conv1$|^layer4\.0\.conv1$",
+    ap.add_argument("--old-layers", default=r"^layer1\.0\.conv1$|^layer4\.0\.conv1$",
                     help="regex: the layers the old path runs on (it is slow)")
     ap.add_argument("--old-timeout", type=float, default=60.0, help="seconds before an old fit is stopped (default 60)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")

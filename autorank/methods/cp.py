@@ -192,10 +192,10 @@ def cp_als(
     each sweep is followed by an extrapolation along the last step, kept when
     it lowers the error (Bro 1998). Stops when the relative error decreased by
     less than ``tol`` of itself per sweep on average over the last
-    :data:`TOL_WINDOW` sweeps, when a sweep raised it (the previous iterate is
-    kept), after ``n_iter_max`` sweeps, or when the next sweep would take the
-    estimated work (:func:`cp_fit_gflop`) over ``max_gflop``; at least one
-    sweep is run, and the result is never worse than the initialisation.
+    :data:`TOL_WINDOW` sweeps, after ``n_iter_max`` sweeps, or when the next
+    sweep would take the estimated work (:func:`cp_fit_gflop`) over
+    ``max_gflop``; at least one sweep is run. The factors returned are those
+    of the lowest error seen, the initialisation included.
     Deterministic for the same input, device and thread count.
 
     The defaults were chosen by measurement (``benchmarks/bench_cp.py``): float32
@@ -229,7 +229,7 @@ def cp_als(
     converged = False
     work = init_gf
     m0 = None  # x0 @ KR(b, fh, fw) for the current factors, when known
-    prev = None
+    best = (factors, init_error)
     for k in range(1, n_iter_max + 1):
         if k > 1 and work + sweep_gf > max_gflop:
             break
@@ -269,12 +269,12 @@ def cp_als(
                 factors, grams, m0, err = cand, cg, cm0, cerr  # m0 serves the next sweep's first mode
                 work -= gemm_gf
         errors.append(err)
-        if len(errors) > 1 and err > errors[-2]:  # the sweep made it worse (rounding, ridge): keep the previous iterate
-            factors, converged = start, True
-            break
+        if err < best[1]:
+            best = (factors, err)
         if len(errors) > TOL_WINDOW and errors[-1 - TOL_WINDOW] - err < TOL_WINDOW * tol * errors[-1 - TOL_WINDOW]:
             converged = True
             break
+    factors = best[0]  # the lowest error seen (float32 rounding can lift it slightly on a plateau)
     if not all(bool(torch.isfinite(f).all()) for f in factors):
         raise RankError(f"CP-ALS at rank {rank} produced non-finite factors")
     rel = _rel_error(t64, factors)
