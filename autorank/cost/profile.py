@@ -58,6 +58,27 @@ class LayerProfile:
             return None
         return m.rank_for(self.spec, 1.0, self.input_shape)
 
+    def refusal(self, method: str) -> Optional[tuple[Rank, str]]:
+        """The smallest rank up to the break-even one (ρ = 1) that ``method`` refuses here, and why; None if none.
+
+        See :meth:`autorank.methods.BaseMethod.rank_refusal` (monotone in the rank: a bisection).
+        """
+        m = registry.get(method)
+        if not self.input_shape:
+            return None
+        top = m.rank_for(self.spec, 1.0, self.input_shape)
+        if m.rank_refusal(self.spec, top, self.input_shape) is None:
+            return None
+        path = m.rank_path(self.spec)
+        lo, hi = 0, path.index(top)  # the first refused index is in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if m.rank_refusal(self.spec, path[mid], self.input_shape) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        return path[lo], m.rank_refusal(self.spec, path[lo], self.input_shape) or ""
+
     def to_dict(self) -> dict[str, Any]:
         out = {
             "name": self.name,
@@ -74,6 +95,10 @@ class LayerProfile:
             if why is None and not self.excluded:
                 be = self.break_even(m)
                 out["methods"][m] = {"applies": True, "break_even_rank": list(be) if isinstance(be, tuple) else be}
+                refused = self.refusal(m)
+                if refused is not None:  # ranks from refused_from_rank on are left out of search spaces
+                    r0, why = refused
+                    out["methods"][m] |= {"refused_from_rank": list(r0) if isinstance(r0, tuple) else r0, "refusal": why}
             else:
                 out["methods"][m] = {"applies": False, "reason": self.excluded or why}
         return out

@@ -317,6 +317,24 @@ class BaseMethod:
                 path.append(r)
         return path
 
+    # ------------------------------------------------------------------ refusals (search space, profile)
+    def rank_refusal(
+        self,
+        spec: LayerSpec,
+        rank: Rank,
+        input_shape: Optional[Sequence[int]] = None,
+        options: Optional[dict] = None,
+    ) -> Optional[str]:
+        """None when factorizing ``spec`` at ``rank`` is affordable, else the reason (estimated time or memory).
+
+        From the shapes alone, without the weights. Monotone along
+        :meth:`rank_path`: every rank above a refused one is refused too. The
+        search space leaves refused (layer, ρ) choices out
+        (:meth:`autorank.search.space.SearchSpace.choices`) and the profile
+        reports them; :meth:`factorize` raises RankTooLargeError for them.
+        """
+        return None
+
     # ------------------------------------------------------------------ cost
     def cost(self, module_or_spec, rank: Rank, input_shape: Optional[Sequence[int]] = None) -> Cost:
         """Exact parameters and FLOPs of the replacement at ``rank`` on ``input_shape``."""

@@ -21,6 +21,7 @@ The methods a layer may take are the space's methods that apply to it, plus
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any, Optional, Union
 
 from autorank import methods as registry
 from autorank.errors import AutorankError, UnknownMethodError
+from autorank.methods._base import align_rank
 
 __all__ = ["SearchSpace", "SpaceError", "LayerChoice", "builtin_spaces", "SPACES_DIR"]
 
@@ -36,6 +38,8 @@ __all__ = ["SearchSpace", "SpaceError", "LayerChoice", "builtin_spaces", "SPACES
 _REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 _PKG_SPACES = Path(__file__).resolve().parent / "spaces"
 SPACES_DIR = _REPO_SPACES if _REPO_SPACES.is_dir() else _PKG_SPACES
+
+logger = logging.getLogger("autorank")
 
 _TOP_KEYS = {"methods", "rho", "align", "layers", "description", "training"}
 _TRAINING_KEYS = {"bn_between_factors", "force_regularization", "fixed_point"}
@@ -54,6 +58,19 @@ class LayerChoice:
     name: str
     methods: tuple[str, ...]  # always starts with "none"
     rhos: tuple[float, ...]
+    #: (method, ρ, reason) left out: the method refuses its rank at ρ (BaseMethod.rank_refusal,
+    #: e.g. CP-ALS too slow); a method refused at every ρ is not in ``methods`` at all
+    refused: tuple[tuple[str, float, str], ...] = ()
+
+    def allows(self, method: str, rho: float) -> bool:
+        """Whether (method, ρ) is a choice of this layer (``none`` always is)."""
+        if method == "none":
+            return True
+        return method in self.methods and not any(m == method and abs(r - rho) < 1e-9 for m, r, _ in self.refused)
+
+    def rhos_for(self, method: str) -> tuple[float, ...]:
+        """The ρ grid of ``method`` on this layer, less its refused values."""
+        return tuple(r for r in self.rhos if self.allows(method, r))
 
 
 @dataclass
@@ -185,10 +202,40 @@ class SearchSpace:
             if self.layer_reason(name, lp) is not None:
                 continue
             applicable = set(lp.applicable())
-            ms = tuple(m for m in self.methods if m != "none" and m in applicable)
+            ms: list[str] = []
+            refused: list[tuple[str, float, str]] = []
+            for m in self.methods:
+                if m == "none" or m not in applicable:
+                    continue
+                out_m = self._refused(lp, m)
+                refused += out_m
+                if len(out_m) < len(self.rhos):
+                    ms.append(m)
+                if out_m:
+                    logger.info("space: layer %s, method %s: rho %s left out: %s", name, m,
+                                ", ".join(f"{r:g}" for _, r, _ in out_m), out_m[0][2])
             if not ms:
                 continue
-            out[name] = LayerChoice(name, ("none",) + ms, self.rhos)
+            out[name] = LayerChoice(name, ("none",) + tuple(ms), self.rhos, tuple(refused))
+        return out
+
+    def _refused(self, lp, method: str) -> list[tuple[str, float, str]]:
+        """(method, ρ, reason) for each ρ of the grid whose rank the method refuses on profiled layer ``lp``."""
+        m = registry.get(method)
+
+        def why(rho: float) -> Optional[str]:
+            rank = m.rank_for(lp.spec, rho, lp.input_shape)
+            if self.align:
+                rank = align_rank(rank, self.align, m.max_rank(lp.spec))
+            return m.rank_refusal(lp.spec, rank, lp.input_shape)
+
+        if why(self.rhos[-1]) is None:  # refusals are monotone in the rank, hence in ρ
+            return []
+        out = []
+        for rho in self.rhos:
+            reason = why(rho)
+            if reason is not None:
+                out.append((method, rho, reason))
         return out
 
     def decomposable_methods(self) -> list[str]:
