@@ -27,6 +27,9 @@ from autorank.methods.cp import (
     cp_init,
     reconstruct,
 )
+from autorank.cost.budget import parse_budget
+from autorank.cost.cost_model import CostModel
+from autorank.search.allocate import repair, uniform_plan
 from autorank.search.space import SearchSpace
 
 CP = methods.get("cp")
@@ -197,6 +200,13 @@ def test_refused_choices_are_left_out_of_the_space_and_reported_by_the_profile(m
     # and factorize refuses it too (the existing memory guard)
     with pytest.raises(RankTooLargeError, match="layer"):
         CP.factorize(nn.Conv2d(16, 32, 3), None, ranks[0.9])
+    # the search never proposes or repairs to a refused (method, rho): sampled ones snap down the grid
+    assert ch.snap("cp", 0.9) == 0.3 and ch.snap("cp", 0.3) == 0.3 and ch.snap("svd", 0.9) == 0.9
+    choices = space.choices(prof)
+    cost = CostModel(prof, parse_budget("30%flops"))
+    for origin, cp in [("uniform", uniform_plan("cp", 0.9, choices)), *[("sampled", {n: ("cp", 0.9) for n in choices})]]:
+        fixed, _ = repair({n: (m, choices[n].snap(m, r)) for n, (m, r) in cp.items()}, choices, cost, lambda n, c: 0.0)
+        assert all(choices[n].allows(m, r) for n, (m, r) in fixed.items()), origin
     # a method refused at every rho is not offered on the layer at all
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "1")
     for ch in space.choices(prof).values():

@@ -236,7 +236,10 @@ def cmd_profile(args) -> int:
             for m, info in d["methods"].items():
                 if info["applies"]:
                     be = info["break_even_rank"]
-                    parts.append(f"{m} (≤{be})" if be is not None else f"{m} (never cheaper)")
+                    text = f"{m} (≤{be})" if be is not None else f"{m} (never cheaper)"
+                    if info.get("refused_from_rank") is not None:  # e.g. CP-ALS too slow above a rank
+                        text += f" [refused from rank {info['refused_from_rank']}: {info['refusal']}]"
+                    parts.append(text)
             reasons = sorted({info["reason"] for info in d["methods"].values() if not info["applies"]})
             methods_text = ", ".join(parts) or ("none: " + "; ".join(reasons))
         table.add_row(escape(lp.name), lp.type, lp.spec.describe(), human(lp.dense.flops), human(lp.dense.params),

@@ -119,13 +119,13 @@ def repair(
                 continue
             method, rho = cur[name]
             if method == "none":
-                moves = [(m, ch.rhos[-1]) for m in ch.methods if m != "none"]
+                moves = [(m, ch.snap(m, ch.rhos[-1])) for m in ch.methods if m != "none"]
             else:
                 i = _index(ch.rhos, rho)
-                moves = [(method, ch.rhos[i - 1])] if i > 0 else []
+                moves = [(method, ch.rhos[i - 1])] if i > 0 and ch.allows(method, ch.rhos[i - 1]) else []
                 # another method at the same ρ, or at the smallest once this one has none left: a method
                 # whose smallest rank still costs a lot (tensor train on a Linear) must not block the repair
-                moves += [(m, ch.rhos[i] if i > 0 else ch.rhos[0]) for m in ch.methods if m not in ("none", method)]
+                moves += [(m, ch.snap(m, ch.rhos[i] if i > 0 else ch.rhos[0])) for m in ch.methods if m not in ("none", method)]
             old_d = cost.layer_delta(name, cur[name])
             old_p = penalty(name, cur[name])
             for mv in moves:
@@ -163,8 +163,8 @@ def local_moves(
             continue
         ch = choices[name]
         i = _index(ch.rhos, rho)
-        ups = [(method, ch.rhos[i + 1])] if i + 1 < len(ch.rhos) else [("none", ch.rhos[-1])]
-        ups += [(m, rho) for m in ch.methods if m not in ("none", method)]
+        ups = [(method, ch.rhos[i + 1])] if i + 1 < len(ch.rhos) and ch.allows(method, ch.rhos[i + 1]) else [("none", ch.rhos[-1])]
+        ups += [(m, rho) for m in ch.methods if m not in ("none", method) and ch.allows(m, rho)]
         for up in ups:
             cand = dict(best)
             cand[name] = up
@@ -182,7 +182,7 @@ def cheapest_plan(choices: dict[str, LayerChoice], cost: CostModel) -> ChoicePla
 
 def _options(ch: LayerChoice) -> list[tuple[str, float]]:
     """Every choice of a layer: dense, and each method at each grid ρ."""
-    return [("none", ch.rhos[-1])] + [(m, r) for m in ch.methods if m != "none" for r in ch.rhos]
+    return [("none", ch.rhos[-1])] + [(m, r) for m in ch.methods if m != "none" for r in ch.rhos_for(m)]
 
 
 def _index(grid: tuple[float, ...], rho: float) -> int:
@@ -191,7 +191,7 @@ def _index(grid: tuple[float, ...], rho: float) -> int:
 
 # ---------------------------------------------------------------------- allocations
 def uniform_plan(method: str, rho: float, choices: dict[str, LayerChoice]) -> ChoicePlan:
-    return {n: ((method, rho) if method in ch.methods else ("none", ch.rhos[-1])) for n, ch in choices.items()}
+    return {n: ((method, ch.snap(method, rho)) if method in ch.methods else ("none", ch.rhos[-1])) for n, ch in choices.items()}
 
 
 def best_uniform(method: str, choices: dict[str, LayerChoice], cost: CostModel) -> Optional[tuple[float, ChoicePlan]]:

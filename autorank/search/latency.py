@@ -135,7 +135,7 @@ def profile_latency_job(
 def latency_table_for(model, profile, choices, task, space, emit: Progress):
     """Latency lookup table for every (layer, method, ρ) the space allows, measured on the task's device."""
     device = getattr(task, "device", "cpu") or "cpu"
-    candidates = {n: [(m, r) for m in ch.methods if m != "none" for r in ch.rhos] for n, ch in choices.items()}
+    candidates = {n: [(m, r) for m in ch.methods if m != "none" for r in ch.rhos_for(m)] for n, ch in choices.items()}
     if space.align:
         candidates = {n: [(m, r, {"align": space.align}) for m, r in c] for n, c in candidates.items()}
     total = sum(len(v) for v in candidates.values())

@@ -54,6 +54,7 @@ def suggest(trial: optuna.Trial, choices: dict[str, LayerChoice], space: SearchS
             r = min(ch.rhos, key=lambda g: abs(g - r))
         else:
             r = trial.suggest_categorical(_rkey(name), list(ch.rhos))
+        r = ch.snap(m, r)  # a (method, ρ) the method refuses (CP too slow at that rank) runs at the next ρ down
         cp[name] = (m, float(r))
     return cp
 

@@ -72,6 +72,15 @@ class LayerChoice:
         """The ρ grid of ``method`` on this layer, less its refused values."""
         return tuple(r for r in self.rhos if self.allows(method, r))
 
+    def snap(self, method: str, rho: float) -> float:
+        """``rho`` if (method, ρ) is allowed, else the largest allowed ρ below it (refusals grow with the rank),
+        else the smallest allowed; ``rho`` for a method with no grid left (it is not offered then)."""
+        if method == "none" or self.allows(method, rho):
+            return rho
+        grid = self.rhos_for(method)
+        below = [r for r in grid if r <= rho]
+        return below[-1] if below else (grid[0] if grid else rho)
+
 
 @dataclass
 class SearchSpace:

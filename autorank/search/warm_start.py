@@ -36,7 +36,7 @@ def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: Cost
         for m in ch.methods:
             if m == "none":
                 continue
-            for r in probe_rhos(ch.rhos, points):
+            for r in probe_rhos(ch.rhos_for(m), points):
                 jobs.append((name, m, r))
     sens = Sensitivity(base)
     t0 = time.perf_counter()
