@@ -6,6 +6,11 @@ the factorization. So the same layer asked for another rank is a slice of a
 cached factorization, and a cache on disk is shared safely by separate
 processes (a Ray worker and the next, or a re-run of the CLI): entries are
 written atomically and read with ``torch.load(weights_only=True)``.
+
+The disk is a convenience: an entry that cannot be written (a full disk, a
+read-only directory) is logged once per cache, no partial file is left, and the
+factorization is still used from memory. The directory is created when the
+first entry is written, not before.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import weakref
 from collections import OrderedDict
@@ -25,6 +29,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from autorank.fileio import atomic_torch_save, disk_full_error
 from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank
 from autorank.methods._layers import layer_spec
 
@@ -83,8 +88,8 @@ class FactorCache:
 
     def __init__(self, directory: Optional[Union[str, os.PathLike]] = None, max_bytes: int = 2 << 30):
         self.directory = Path(directory) if directory is not None else None
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+        #: why entries are no longer written to disk (None: they are)
+        self.disk_off: Optional[str] = None
         self.max_bytes = int(max_bytes)
         self._mem: "OrderedDict[str, Factors]" = OrderedDict()
         self._bytes = 0
@@ -170,20 +175,18 @@ class FactorCache:
 
     def _write(self, k: str, factors: Factors) -> None:
         path = self._path(k)
-        if path is None:
+        if path is None or self.disk_off is not None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-        os.close(fd)
         try:
-            torch.save({"tensors": factors.tensors, "meta": json.dumps(factors.meta, default=str)}, tmp)
-            os.replace(tmp, path)
-        except OSError as exc:
-            logger.warning("could not write factor cache entry %s: %s", path, exc)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(path, {"tensors": factors.tensors, "meta": json.dumps(factors.meta, default=str)})
+        except Exception as exc:
+            full = disk_full_error(exc, path)
+            if full is not None:  # once per cache, not once per entry: the factors are still used from memory
+                self.disk_off = str(full)
+                logger.warning("factor cache: %s; caching in memory only from now on", full)
+            else:  # a read-only or vanished directory: recompute next time, do not fail the trial
+                logger.warning("could not write factor cache entry %s: %s", path, exc)
 
     def clear(self) -> None:
         with self._lock:

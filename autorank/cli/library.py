@@ -196,6 +196,8 @@ def cmd_profile(args) -> int:
     model, x = _load_model_and_input(args)
     if x is None:
         raise CLIError(f"model {args.model!r} is not built in: give its input shape with --input, e.g. 1x3x224x224")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError(f"--batch-size {args.batch_size}: expected a positive integer")
     if args.batch_size:
         x = x.expand((args.batch_size,) + tuple(x.shape[1:])).contiguous()
     prof = profile_model(model, x)
@@ -292,7 +294,7 @@ def add_commands(sub) -> None:
 
     pr = sub.add_parser("profile", help="per-layer FLOPs, params, latency, applicable methods and break-even ranks",
                         epilog="examples:\n  autorank profile\n  autorank profile --model mymodel.py:build --input 1x3x224x224 --json\n"
-                               "  autorank profile --model resnet50 --no-latency --budget 30%%flops",
+                               "  autorank profile --model resnet50 --no-latency --budget 30%flops",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args(pr)
     pr.add_argument("--device", default="cpu", help="where to measure latency: cpu, cuda, cuda:N (default cpu)")
