@@ -7,10 +7,12 @@ cached factorization, and a cache on disk is shared safely by separate
 processes (a Ray worker and the next, or a re-run of the CLI): entries are
 written atomically and read with ``torch.load(weights_only=True)``.
 
-The disk is a convenience: an entry that cannot be written (a full disk, a
-read-only directory) is logged once per cache, no partial file is left, and the
-factorization is still used from memory. The directory is created when the
-first entry is written, not before.
+An entry that cannot be written because the disk is full raises
+:class:`~autorank.fileio.DiskFullError` ("no space left on DEVICE while writing
+PATH"; no partial file is left): a search stops there with that one line and the
+same command resumes it once there is space. Any other write failure (a
+read-only directory) is a warning and the factorization is used from memory. The
+directory is created when the first entry is written, not before.
 """
 
 from __future__ import annotations
@@ -88,8 +90,6 @@ class FactorCache:
 
     def __init__(self, directory: Optional[Union[str, os.PathLike]] = None, max_bytes: int = 2 << 30):
         self.directory = Path(directory) if directory is not None else None
-        #: why entries are no longer written to disk (None: they are)
-        self.disk_off: Optional[str] = None
         self.max_bytes = int(max_bytes)
         self._mem: "OrderedDict[str, Factors]" = OrderedDict()
         self._bytes = 0
@@ -175,18 +175,17 @@ class FactorCache:
 
     def _write(self, k: str, factors: Factors) -> None:
         path = self._path(k)
-        if path is None or self.disk_off is not None:
+        if path is None:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(path, {"tensors": factors.tensors, "meta": json.dumps(factors.meta, default=str)})
         except Exception as exc:
             full = disk_full_error(exc, path)
-            if full is not None:  # once per cache, not once per entry: the factors are still used from memory
-                self.disk_off = str(full)
-                logger.warning("factor cache: %s; caching in memory only from now on", full)
-            else:  # a read-only or vanished directory: recompute next time, do not fail the trial
-                logger.warning("could not write factor cache entry %s: %s", path, exc)
+            if full is not None:
+                raise full from None
+            # a read-only or vanished directory: recompute next time, do not fail the trial
+            logger.warning("could not write factor cache entry %s: %s", path, exc)
 
     def clear(self) -> None:
         with self._lock:

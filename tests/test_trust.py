@@ -442,6 +442,7 @@ def _loopback(addr: str) -> bool:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs /proc to list sockets")
 def test_the_local_ray_instance_listens_on_loopback_only(tmp_path):
     """`autorank search --workers 2`: every socket its Ray processes listen on is a loopback address."""

@@ -28,6 +28,7 @@ from autorank.errors import CalibrationError, PlanError
 from autorank.fileio import atomic_write_text
 from autorank.plan import Plan
 from autorank.saving import save
+from autorank.specs import is_safe_spec
 from autorank.surgery import decompose, resolve_plan
 from autorank.zoo import example_input, load_model
 
@@ -186,7 +187,10 @@ def cmd_decompose(args) -> int:
         console.print(f"FLOPs (fvcore, 1 multiply-add = 1 FLOP) on input {tuple(x.shape)}: {human(fb)} -> {human(fa)}{pct}")
     if "relative_output_error" in summary:
         console.print(f"relative output error on the example input: {summary['relative_output_error']:.4f}")
-    console.print(f"load it with: autorank.load({str(out)!r})")
+    if is_safe_spec(args.model):
+        console.print(f"load it with: autorank.load({str(out)!r})")
+    else:  # the file records your spec; loading rebuilds the architecture by running it, so that is an opt-in
+        console.print(f"load it with: autorank.load({str(out)!r}, trust_spec=True) (its spec {args.model} runs your code)")
     return 0
 
 

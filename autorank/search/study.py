@@ -219,7 +219,7 @@ def search(
             measure_front(result, original, example, task)
         result.files = result.write()
     except Exception as exc:
-        full = disk_full_error(exc, run.path / "study.db" if "database" in str(exc).lower() else run.path)
+        full = disk_full_error(exc, run.path / "study.db" if _mentions_database(exc) else run.path)
         if full is not None and full is not exc:
             raise full from None
         raise
@@ -230,6 +230,18 @@ def search(
     emit({"phase": "done", "elapsed_s": time.perf_counter() - t_start, "front_size": len(result.front)})
     result.model = original
     return result
+
+
+def _mentions_database(exc: BaseException) -> bool:
+    """Whether the study's storage (SQLite: "database or disk is full") raised ``exc`` or what caused it."""
+    seen = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if "database" in str(e).lower() or type(e).__module__.startswith(("sqlite3", "sqlalchemy")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _given_sensitivity(sensitivity: Union[Sensitivity, str, Path, None]) -> Optional[Sensitivity]:
