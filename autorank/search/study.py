@@ -145,6 +145,7 @@ def search(
     }
     run.check(settings)  # another search's directory is refused before anything is touched
     lock = run.lock().acquire()
+    lock.created_dir = lock.created_dir or out is None  # a temporary directory of our own: removed if refused
     committed = False  # whether the run directory has been written to
     try:
         # ---- every check that can refuse the search, before anything is written
@@ -160,8 +161,11 @@ def search(
                 f"({len(profile.layers)} candidate layers, none allowed by the space's layer rules and methods)"
             )
         check_reachable(budget, profile, space.decomposable_methods())
-        if run.settings_path.exists():
-            run.trial_records(set(choices))  # a resumed run's records are checked before anything is written
+        if run.settings_path.exists():  # a resumed run's records are checked before anything is written
+            run.trial_records(set(choices))
+            saved_sens = run.read_json("sensitivity.json")
+            if saved_sens is not None:
+                _sensitivity_from(saved_sens, run.path / "sensitivity.json", RunDirError)
         latency = None
         if budget.needs_latency:
             latency = latency_table_for(original, profile, choices, task, space, emit)
@@ -250,9 +254,24 @@ def _given_sensitivity(sensitivity: Union[Sensitivity, str, Path, None]) -> Opti
         return sensitivity
     path = Path(sensitivity)
     try:
-        return Sensitivity.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
         raise SearchError(f"sensitivity table {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    return _sensitivity_from(data, path, SearchError)
+
+
+def _sensitivity_from(data: Any, source: Path, error: type[AutorankError]) -> Sensitivity:
+    """A sensitivity table from its JSON (``{"base": x, "scores": {layer: {method: [[rho, score], ...]}}}``), checked."""
+    def num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    ok = isinstance(data, dict) and num(data.get("base")) and isinstance(data.get("scores"), dict) and all(
+        isinstance(ms, dict) and all(isinstance(pts, list) and all(isinstance(pt, list) and len(pt) == 2 and all(map(num, pt))
+                                                                    for pt in pts) for pts in ms.values())
+        for ms in data["scores"].values())
+    if not ok:
+        raise error(f"{source}: not a sensitivity table ({{\"base\": score, \"scores\": {{layer: {{method: [[rho, score], ...]}}}}}})")
+    return Sensitivity.from_dict(data)
 
 
 def _leave_as_found(run: RunDir, lock) -> None:
@@ -300,6 +319,8 @@ class _StopOnFullDisk(BaseExecutor):
         self.inner.close()
 
     def __getattr__(self, name: str) -> Any:  # anything else an executor offers
+        if name == "inner":
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
