@@ -299,6 +299,24 @@ def test_export_on_a_full_disk_writes_nothing(tmp_path, capsys, monkeypatch):
     assert list(dest.iterdir()) == []
 
 
+def test_the_summary_lists_only_the_plots_that_were_written(tmp_path, capsys, monkeypatch, caplog):
+    from autorank.search import result as result_mod
+
+    def no_backend(*a, **k):
+        raise RuntimeError("no plotting backend")
+
+    monkeypatch.setattr(result_mod, "plot_front", no_backend)
+    run = tmp_path / "run"
+    rc, out, err = run_main("search", *TOY, "--budget", "30%flops", "--trials", "2", "--finetune", "0", "--no-warm-start",
+                            "--out", str(run), cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert rc == 0, err
+    assert any("could not draw the Pareto plot" in r.getMessage() for r in caplog.records)
+    assert "pareto.png" not in out and "pareto.html" not in out and "plot: none written" in out
+    monkeypatch.undo()
+    rc, out, err = run_main("front", str(run), cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert rc == 0 and "pareto.png" in out and "pareto.html" in out and (run / "pareto.png").exists()
+
+
 MOUNT_SCRIPT = """
 set -u
 mkdir -p "$MNT"
