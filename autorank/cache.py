@@ -6,6 +6,13 @@ the factorization. So the same layer asked for another rank is a slice of a
 cached factorization, and a cache on disk is shared safely by separate
 processes (a Ray worker and the next, or a re-run of the CLI): entries are
 written atomically and read with ``torch.load(weights_only=True)``.
+
+An entry that cannot be written because the disk is full raises
+:class:`~autorank.fileio.DiskFullError` ("no space left on DEVICE while writing
+PATH"; no partial file is left): a search stops there with that one line and the
+same command resumes it once there is space. Any other write failure (a
+read-only directory) is a warning and the factorization is used from memory. The
+directory is created when the first entry is written, not before.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import weakref
 from collections import OrderedDict
@@ -25,6 +31,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from autorank.fileio import atomic_torch_save, disk_full_error
 from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank
 from autorank.methods._layers import layer_spec
 
@@ -83,8 +90,6 @@ class FactorCache:
 
     def __init__(self, directory: Optional[Union[str, os.PathLike]] = None, max_bytes: int = 2 << 30):
         self.directory = Path(directory) if directory is not None else None
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes = int(max_bytes)
         self._mem: "OrderedDict[str, Factors]" = OrderedDict()
         self._bytes = 0
@@ -172,18 +177,15 @@ class FactorCache:
         path = self._path(k)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-        os.close(fd)
         try:
-            torch.save({"tensors": factors.tensors, "meta": json.dumps(factors.meta, default=str)}, tmp)
-            os.replace(tmp, path)
-        except OSError as exc:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(path, {"tensors": factors.tensors, "meta": json.dumps(factors.meta, default=str)})
+        except Exception as exc:
+            full = disk_full_error(exc, path)
+            if full is not None:
+                raise full from None
+            # a read-only or vanished directory: recompute next time, do not fail the trial
             logger.warning("could not write factor cache entry %s: %s", path, exc)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
     def clear(self) -> None:
         with self._lock:

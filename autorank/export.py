@@ -26,6 +26,7 @@ from torch import nn
 
 from autorank._version import __version__
 from autorank.errors import ExportError, SaveLoadError
+from autorank.fileio import DiskFullError, disk_full_error
 from autorank.saving import class_spec, load, read, save
 from autorank.surgery import plan_of
 from autorank.zoo import BUILTINS, SPEC_ATTR, example_input
@@ -298,7 +299,10 @@ def _run_pt(model: nn.Module, tmp: Path, inputs: Optional[tuple[torch.Tensor, ..
     if inputs is None or not blob.get("spec"):
         return None, {"method": "weights read back (torch.load, weights_only) equal the model's"}
     try:
-        loaded = load(tmp)
+        # trust_spec: this spec is the caller's (spec=), the model's own record (set only from a
+        # spec the caller gave or trusted: autorank.load never records an untrusted one), or the
+        # class of the model in hand, already imported in this process; never a file's say-so
+        loaded = load(tmp, trust_spec=True)
     except SaveLoadError as exc:
         raise ExportError(
             f"autorank.load cannot rebuild the model from its spec {blob['spec']!r} ({exc}); "
@@ -455,6 +459,15 @@ def _publish(moves: Sequence[tuple[Path, Path]], force: bool) -> None:
         raise
 
 
+def _raise_if_full(exc: BaseException, path: Path) -> None:
+    """A full disk is :class:`DiskFullError` naming the file being written, not an exporter's message."""
+    if isinstance(exc, DiskFullError):
+        raise DiskFullError(path, exc.device) from None
+    full = disk_full_error(exc, path)
+    if full is not None:
+        raise DiskFullError(path, full.device) from None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -533,7 +546,11 @@ def export_model(
             except Exception as exc:
                 raise ExportError(f"cannot export {path}: the model fails on example_inputs: {_first_line(exc)}") from exc
 
-        workdir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            workdir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp"))
+        except OSError as exc:
+            _raise_if_full(exc, path)
+            raise
         try:
             tmp = workdir / path.name
             try:
@@ -541,6 +558,7 @@ def export_model(
             except ExportError as exc:
                 raise ExportError(f"cannot export {path} as {fmt}: {_untemp(str(exc), tmp, path)}") from exc
             except Exception as exc:
+                _raise_if_full(exc, path)
                 raise ExportError(f"cannot export {path} as {fmt}: {_untemp(_first_line(exc), tmp, path)}") from exc
             extra = [workdir / info["external_data"]] if info.get("external_data") else []
 
@@ -593,9 +611,13 @@ def export_model(
                 "metadata": metadata or {},
             }
             tmp_sidecar = workdir / sidecar.name
-            tmp_sidecar.write_text(json.dumps(described, indent=2, default=str) + "\n")
-            targets = [(f, parent / f.name) for f in extra] + [(tmp, path), (tmp_sidecar, sidecar)]
-            _publish(targets, force)
+            try:
+                tmp_sidecar.write_text(json.dumps(described, indent=2, default=str) + "\n")
+                targets = [(f, parent / f.name) for f in extra] + [(tmp, path), (tmp_sidecar, sidecar)]
+                _publish(targets, force)
+            except OSError as exc:
+                _raise_if_full(exc, sidecar)
+                raise
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -463,7 +463,7 @@ def test_decompose_package_module_spec_with_uniform_rank(runs, monkeypatch):
     spec = f"{PKG}.models:build"
     model = autorank.load_model(spec)
     expected = autorank.decompose(model, autorank.Plan.uniform(model, "svd", 0.5), cache=autorank.FactorCache())
-    loaded = autorank.load(sc.cwd / "small.pt")
+    loaded = autorank.load(sc.cwd / "small.pt", trust_spec=True)  # the spec names our own package: opt in
     assert type(loaded).__name__ == "Net" and type(loaded).__module__ == f"{PKG}.models"
     assert sorted(autorank.plan_of(loaded).layers) == ["conv", "fc", "grouped"]  # svd refuses the depthwise conv
     x = torch.randn(NET_INPUT_SHAPE)
@@ -480,7 +480,7 @@ def test_decompose_file_spec_relative_path_into_subdirectory(runs):
     assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
     model = autorank.load_model(f"{sc.cwd / 'models' / 'net.py'}:build")
     expected = autorank.decompose(model, NET_PLAN, cache=autorank.FactorCache())
-    loaded = autorank.load(out)
+    loaded = autorank.load(out, trust_spec=True)  # the spec names our own file: opt in
     plan = autorank.plan_of(loaded)
     assert sorted(plan.layers) == sorted(NET_PLAN["layers"])
     assert plan.layers["fc"].rank == 4 and plan.layers["dw"].method == "spatial-svd"

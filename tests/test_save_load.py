@@ -191,7 +191,8 @@ def test_separate_process_loads_identical_model(tmp_path):
         xs = torch.load("inputs.pt", weights_only=True)
         out = {{}}
         for name in ("demo", "user"):
-            model = autorank.load(name + ".pt")
+            # the user's own file spec is code: loading it is an explicit opt-in (the built-in needs none)
+            model = autorank.load(name + ".pt", trust_spec=name == "user")
             assert not model.training
             with torch.no_grad():
                 out[name] = model(xs[name])
@@ -255,7 +256,7 @@ def test_tied_weights_stay_tied_after_load(tmp_path):
     assert "tied" in (autorank.candidate_layers(model)["out"][1] or "")
     small = autorank.decompose(model, {"layers": {"mid": {"method": "svd", "rank": 4}}}, cache=FactorCache())
     assert small.out.weight is small.emb.weight
-    loaded = autorank.load(autorank.save(small, tmp_path / "tied.pt"))
+    loaded = autorank.load(autorank.save(small, tmp_path / "tied.pt"), trust_spec=True)  # a file spec: opt in
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         assert torch.equal(loaded(ids), small.eval()(ids))
@@ -315,8 +316,10 @@ def test_importable_class_with_no_arguments_is_its_own_spec(tmp_path, monkeypatc
     path = autorank.save(small, tmp_path / "d.pt")
     assert metadata(path)["spec"] == "saveload_userpkg.nets:Default"
     x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(SaveLoadError, match=r"trust_spec=True"):  # importing the module is an explicit opt-in
+        autorank.load(path)
     with torch.no_grad():
-        assert torch.equal(autorank.load(path)(x), small.eval()(x))
+        assert torch.equal(autorank.load(path, trust_spec=True)(x), small.eval()(x))
 
     # a class with a required argument cannot be rebuilt from its name: load asks for the model
     small = autorank.decompose(UserNet(4), {"layers": {"stem": {"method": "svd", "rank": 2}}}, cache=FactorCache())

@@ -18,6 +18,7 @@ from autorank._version import __version__
 from autorank.cli import library, search
 from autorank.cli.common import EXIT_USAGE
 from autorank.errors import AutorankError
+from autorank.fileio import disk_full_error
 
 __all__ = ["main", "build_parser", "entry"]
 
@@ -51,6 +52,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a full disk met outside autorank's own writers (a library's): still one line
+        full = disk_full_error(exc, getattr(exc, "filename", None) or ".")
+        if full is None or args.debug:
+            raise
+        print(f"error: {full}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

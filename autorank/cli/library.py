@@ -28,6 +28,7 @@ from autorank.errors import CalibrationError, PlanError
 from autorank.fileio import atomic_write_text
 from autorank.plan import Plan
 from autorank.saving import save
+from autorank.specs import is_safe_spec
 from autorank.surgery import decompose, resolve_plan
 from autorank.zoo import example_input, load_model
 
@@ -186,7 +187,10 @@ def cmd_decompose(args) -> int:
         console.print(f"FLOPs (fvcore, 1 multiply-add = 1 FLOP) on input {tuple(x.shape)}: {human(fb)} -> {human(fa)}{pct}")
     if "relative_output_error" in summary:
         console.print(f"relative output error on the example input: {summary['relative_output_error']:.4f}")
-    console.print(f"load it with: autorank.load({str(out)!r})")
+    if is_safe_spec(args.model):
+        console.print(f"load it with: autorank.load({str(out)!r})")
+    else:  # the file records your spec; loading rebuilds the architecture by running it, so that is an opt-in
+        console.print(f"load it with: autorank.load({str(out)!r}, trust_spec=True) (its spec {args.model} runs your code)")
     return 0
 
 
@@ -196,6 +200,8 @@ def cmd_profile(args) -> int:
     model, x = _load_model_and_input(args)
     if x is None:
         raise CLIError(f"model {args.model!r} is not built in: give its input shape with --input, e.g. 1x3x224x224")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError(f"--batch-size {args.batch_size}: expected a positive integer")
     if args.batch_size:
         x = x.expand((args.batch_size,) + tuple(x.shape[1:])).contiguous()
     prof = profile_model(model, x)
@@ -295,7 +301,7 @@ def add_commands(sub) -> None:
 
     pr = sub.add_parser("profile", help="per-layer FLOPs, params, latency, applicable methods and break-even ranks",
                         epilog="examples:\n  autorank profile\n  autorank profile --model mymodel.py:build --input 1x3x224x224 --json\n"
-                               "  autorank profile --model resnet50 --no-latency --budget 30%%flops",
+                               "  autorank profile --model resnet50 --no-latency --budget 30%flops",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args(pr)
     pr.add_argument("--device", default="cpu", help="where to measure latency: cpu, cuda, cuda:N (default cpu)")

@@ -15,8 +15,10 @@ from rich.table import Table
 from autorank.cli.common import CLIError, get_console, pct
 from autorank.search.executor import RayExecutor
 from autorank.search.result import SearchResult
+from autorank.search.rundir import RunDir, RunDirLockedError
 from autorank.search.space import SearchSpace
 from autorank.search.study import search
+from autorank.zoo import load_model
 
 __all__ = ["add_commands"]
 
@@ -37,7 +39,12 @@ FRONT_EXAMPLES = """examples:
 EXPORT_EXAMPLES = """examples:
   autorank export runs/demo-30flops --pick best -o demo.pt
   autorank export runs/demo-30flops --pick smallest --min-score 0.95 -o demo.onnx --format onnx
-  autorank export runs/demo-30flops --trial 12 -o demo.ts --format torchscript --force"""
+  autorank export runs/demo-30flops --trial 12 -o demo.ts --format torchscript --force
+  autorank export runs/mine --pick best -o mine.pt --model mymodel.py:build   # the architecture, from you
+  autorank export runs/mine --pick best -o mine.pt --trust-spec              # ...or from the run (runs its code)
+
+A run directory's own module:callable / file.py:callable specs are code: they are
+imported only with --trust-spec (built-in and hf: models need nothing)."""
 
 
 def _slug(text: str) -> str:
@@ -130,10 +137,20 @@ def cmd_search(args) -> int:
     _print_front(result, console)
     console.print(f"\n{len(result.trials)} trials in {time.perf_counter() - t0:.0f} s; "
                   f"wasted on infeasible or failed plans: {result.wasted_fraction:.0%}")
-    console.print(f"run directory: {result.run_dir}\nplot: {result.run_dir / 'pareto.png'} and {result.run_dir / 'pareto.html'}")
+    console.print(f"run directory: {result.run_dir}")
+    _print_plots(result.files, console)
     if result.front:
         console.print(f"export one: autorank export {result.run_dir} --pick best -o model.pt")
     return 0
+
+
+def _print_plots(files, console) -> None:
+    """Name the plots that were written (and only those: a plot that failed is not listed)."""
+    plots = [str(p) for p in files if str(p).endswith((".png", ".html")) and Path(p).exists()]
+    if plots:
+        console.print("plot: " + " and ".join(plots))
+    else:
+        console.print("plot: none written (see the warning above)")
 
 
 def _resources(text: Optional[str]) -> Optional[dict]:
@@ -164,14 +181,25 @@ def _print_front(result, console) -> None:
 # ---------------------------------------------------------------------- front
 def cmd_front(args) -> int:
     result = SearchResult.load(args.run)
+    console = get_console()
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        console = get_console()
         _print_front(result, console)
-    result.write()
+    # redraw the plots only when no search holds the directory (that search writes them itself)
+    lock = RunDir(result.run_dir).lock()
+    try:
+        lock.acquire(command="autorank front")
+    except RunDirLockedError:
+        if not args.json:
+            console.print(f"a search is running in {result.run_dir}; it writes front.json and the plots itself")
+        return 0
+    try:
+        files = result.write()
+    finally:
+        lock.release()
     if not args.json:
-        console.print(f"plot: {result.run_dir / 'pareto.png'} and {result.run_dir / 'pareto.html'}")
+        _print_plots(files, console)
     return 0
 
 
@@ -207,7 +235,9 @@ def cmd_export(args) -> int:
     target = Path(args.output)
     if target.exists() and not args.force:
         raise CLIError(f"{target} exists; pass --force to overwrite it")
-    result = SearchResult.load(args.run)
+    result = SearchResult.load(args.run, trust_spec=args.trust_spec)
+    if args.model:
+        result.model = load_model(args.model)  # the architecture from the command line: the user's own spec
     member = result.pick(args.pick, trial=args.trial, max_flops=_fraction(args.max_flops, "--max-flops"),
                          max_params=_fraction(args.max_params, "--max-params"),
                          max_latency=_seconds(args.max_latency), min_score=args.min_score)
@@ -274,4 +304,8 @@ def add_commands(sub) -> None:
     e.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the model")
     e.add_argument("--format", default="pt", choices=("pt", "onnx", "torchscript"), help="file format (default pt)")
     e.add_argument("--force", action="store_true", help="overwrite an existing file")
+    e.add_argument("--model", metavar="SPEC", help="rebuild the architecture from this spec (yours) instead of the run's")
+    e.add_argument("--trust-spec", action="store_true",
+                   help="allow the run's own module:callable / file.py:callable model and task specs to be imported "
+                        "(they run code; like Hugging Face's trust_remote_code)")
     e.set_defaults(func=cmd_export)

@@ -85,9 +85,13 @@ Latency where it belongs
 placed on the node with the target device (``resources``), and returns the
 table with the device it was measured on.
 
-Ray on test machines: nodes on loopback addresses other than 127.0.0.1 (Ray maps
-127.0.0.1 to the network address), ``RAY_AUTH_MODE=token`` in every process, and
-``ray stop --force`` in teardown (see docs/DESIGN.md).
+Network exposure: the local instance the executor starts has node address
+127.0.0.1 and every Ray server of it (GCS, raylet, object manager, workers, the
+driver, the runtime-env agent) listens on loopback only, with token
+authentication on (:func:`~autorank.search.ray_common.loopback_node`; a cluster
+given by ``address`` is the user's to configure). Ray on test machines:
+``RAY_AUTH_MODE=token`` in every process, and ``ray stop --force`` in teardown
+(see docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -110,6 +114,8 @@ from autorank.search.ray_common import (
     crash_result,
     driver_paths,
     forwarded_env,
+    local_node_ip,
+    loopback_node,
     ray_module,
 )
 from autorank.search.ray_tune import TuneEngine
@@ -190,10 +196,15 @@ class RayExecutor(BaseExecutor):
                 ray.init(address=address, logging_level=logging.WARNING)
                 logger.info("connected to the Ray cluster at %s", address)
             else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
-                         _node_ip_address=os.environ.get("AUTORANK_RAY_NODE_IP", LOCAL_NODE_IP),
-                         logging_level=logging.WARNING)
-                logger.info("started a local Ray instance (%d CPUs)", os.cpu_count())
+                # loopback only: the node keeps 127.0.0.1, so Ray's servers listen on it (see loopback_node)
+                with loopback_node():
+                    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
+                             _node_ip_address=local_node_ip(), logging_level=logging.WARNING)
+                node_ip = ray.util.get_node_ip_address()
+                if node_ip not in ("127.0.0.1", "::1"):
+                    logger.warning("the local Ray instance has node address %s: Ray listens on every interface "
+                                   "(token authentication stays on)", node_ip)
+                logger.info("started a local Ray instance (%d CPUs) on %s", os.cpu_count(), node_ip)
         except Exception as exc:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token in every process"

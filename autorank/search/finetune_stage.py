@@ -22,7 +22,8 @@ Progress = Callable[[dict[str, Any]], None]
 def promising(study, k: int) -> list[optuna.trial.FrozenTrial]:
     """Up to ``k`` feasible trials to fine-tune: successive zero-shot Pareto fronts, best score first."""
     S = optuna.trial.TrialState
-    pool = [t for t in study.get_trials(deepcopy=False, states=(S.COMPLETE,)) if feasible(t)]
+    # a trial that repeated an already scored plan (duplicate_of) is that plan: fine-tune it once
+    pool = [t for t in study.get_trials(deepcopy=False, states=(S.COMPLETE,)) if feasible(t) and "duplicate_of" not in t.user_attrs]
     chosen: list = []
     while pool and len(chosen) < k:
         idx = pareto_indices([t.values[1] for t in pool], [t.values[0] for t in pool])

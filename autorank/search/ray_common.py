@@ -8,10 +8,11 @@ the package runs without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from autorank.errors import AutorankError
 
@@ -19,12 +20,15 @@ logger = logging.getLogger("autorank")
 
 __all__ = [
     "RayExecutorError", "ray_module", "LOCAL_NODE_IP", "WAIT_S", "check_reachable", "forwarded_env", "driver_paths",
-    "absolute_spec", "extend_sys_path", "crash_result",
+    "absolute_spec", "extend_sys_path", "crash_result", "loopback_node", "local_node_ip",
 ]
 
-#: node address of a local Ray instance started by the executor: a loopback address Ray keeps as is
-#: (127.0.0.1 is mapped to the machine's network address); override with $AUTORANK_RAY_NODE_IP
-LOCAL_NODE_IP = "127.0.0.2"
+#: node address of the local Ray instance the executor starts; override with $AUTORANK_RAY_NODE_IP.
+#: Ray 2.60 binds its gRPC servers (GCS, raylet node manager and object manager, every worker's
+#: and the driver's core worker) to loopback only when the node address is a localhost address
+#: (127.0.0.1, ::1, localhost), and to every interface (``::``/``0.0.0.0``) otherwise — even for
+#: another loopback address such as 127.0.0.2. See :func:`loopback_node`.
+LOCAL_NODE_IP = "127.0.0.1"
 #: environment variables of the driver forwarded to the workers (prefixes and names)
 FORWARD_ENV_PREFIXES = ("AUTORANK_",)
 FORWARD_ENV_NAMES = ("OMP_WAIT_POLICY",)
@@ -46,6 +50,43 @@ def ray_module():
     except ImportError as exc:  # pragma: no cover - ray is a dependency
         raise RayExecutorError("the Ray executor needs ray: pip install 'ray[tune]'") from exc
     return ray
+
+
+def local_node_ip() -> str:
+    """The node address of the local instance: $AUTORANK_RAY_NODE_IP, else :data:`LOCAL_NODE_IP`."""
+    return os.environ.get("AUTORANK_RAY_NODE_IP") or LOCAL_NODE_IP
+
+
+@contextlib.contextmanager
+def loopback_node() -> Iterator[None]:
+    """While starting a local instance: let a 127.0.0.1 node address stay 127.0.0.1.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` passes the address through
+    ``resolve_ip_for_localhost``, which replaces a localhost address by the machine's
+    network address whenever ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` is true
+    (Linux's default; the switch is the ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` environment
+    variable, read when Ray is imported). With the switch off for the duration of
+    ``ray.init`` the node keeps 127.0.0.1, so every Ray server of the instance listens on
+    loopback only; a cluster the user addresses is not affected. Measured with Ray 2.60:
+    GCS, raylet (node manager, object manager), runtime-env agent, workers and the driver
+    all listen on 127.0.0.1 (``tests/test_trust.py`` lists their sockets).
+    """
+    ray_module()
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # pragma: no cover - another Ray layout: the caller checks what it got
+        yield
+        return
+    had = hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
+    old = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if had:
+            ray_constants.ENABLE_RAY_CLUSTER = old
+        else:  # pragma: no cover
+            delattr(ray_constants, "ENABLE_RAY_CLUSTER")
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -1,10 +1,20 @@
-"""The result of a search: its Pareto front, read from (and written to) the run directory."""
+"""The result of a search: its Pareto front, read from (and written to) the run directory.
+
+Reading a run directory imports nothing it names: the front's weights are rebuilt
+from the run's built-in or ``hf:`` model spec, or from the model the caller passes,
+and a ``package.module:callable`` / ``file.py:callable`` spec recorded in the run is
+used only with ``trust_spec=True`` (``--trust-spec``). ``front.json`` and the trial
+records are checked as they are read (:meth:`SearchResult.load`,
+:meth:`~autorank.search.rundir.RunDir.trial_records`): a path outside the run
+directory, an unknown method or a malformed member is refused with one line
+naming the file.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -13,10 +23,12 @@ from torch import nn
 from autorank.cost.budget import parse_budget
 from autorank.errors import AutorankError
 from autorank.export import export_model
+from autorank.fileio import DiskFullError
 from autorank.plan import Plan
 from autorank.report import pareto_indices, plot_front
-from autorank.saving import load
-from autorank.search.rundir import RunDir
+from autorank.saving import load, metadata
+from autorank.search.rundir import RunDir, RunDirError
+from autorank.specs import UntrustedSpecError, is_safe_spec, require_trusted
 from autorank.tasks import load_task
 from autorank.zoo import example_input
 
@@ -61,9 +73,39 @@ class FrontMember:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FrontMember":
+    def from_dict(cls, d: dict[str, Any], source: str = "front member") -> "FrontMember":
+        """A member from its ``to_dict()``; RunDirError naming ``source`` when it is not one."""
+        if not isinstance(d, dict):
+            raise RunDirError(f"{source}: expected an object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise RunDirError(f"{source}: unknown key(s) {sorted(map(str, unknown))[:5]}")
         d = dict(d)
-        d["plan"] = Plan.from_dict(d["plan"])
+        for key in ("trial", "plan", "score", "flops", "params", "flops_ratio", "params_ratio", "cost_ratio"):
+            if key not in d:
+                raise RunDirError(f"{source}: missing {key!r}")
+        if not isinstance(d["trial"], int) or isinstance(d["trial"], bool) or d["trial"] < 0:
+            raise RunDirError(f"{source}: 'trial' must be a trial number, got {d['trial']!r}")
+        for key in ("score", "zero_shot_score", "flops", "params", "flops_ratio", "params_ratio", "cost_ratio"):
+            if key in d and not (isinstance(d[key], (int, float)) and not isinstance(d[key], bool) and math.isfinite(d[key])):
+                raise RunDirError(f"{source}: {key!r} must be a finite number, got {d[key]!r}")
+        for key in ("latency_estimated_s", "latency_measured_s"):
+            v = d.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise RunDirError(f"{source}: {key!r} must be a number or null, got {v!r}")
+        for key in ("summary", "origin"):
+            if key in d and not isinstance(d[key], str):
+                raise RunDirError(f"{source}: {key!r} must be a string")
+        if "finetuned" in d and not isinstance(d["finetuned"], bool):
+            raise RunDirError(f"{source}: 'finetuned' must be true or false")
+        d.setdefault("zero_shot_score", d["score"])
+        d.setdefault("finetuned", False)
+        try:
+            d["plan"] = Plan.from_dict(d["plan"], source=source)
+        except AutorankError as exc:
+            raise RunDirError(str(exc)) from None
+        RunDir(".").check_record(d["trial"], {"plan": d["plan"].to_dict()}, source)
         return cls(**d)
 
 
@@ -81,6 +123,10 @@ class SearchResult:
     wasted_fraction: float
     original_latency_s: Optional[float] = None
     model: Optional[nn.Module] = field(default=None, repr=False)
+    #: whether the run's own ``module:callable`` / ``file.py:callable`` specs may be imported (``--trust-spec``)
+    trust_spec: bool = False
+    #: the files the last :meth:`write` produced (front.json and the plots that could be drawn)
+    files: list[Path] = field(default_factory=list)
 
     # ------------------------------------------------------------------ summaries
     @property
@@ -96,14 +142,23 @@ class SearchResult:
             "front": [m.to_dict() for m in self.front],
         }
 
-    def write(self) -> None:
+    def write(self) -> list[Path]:
+        """Write front.json and the plots; returns the files written (a plot that failed is not among them).
+
+        A full disk raises :class:`~autorank.fileio.DiskFullError`; any other plot failure is a warning.
+        """
         run = RunDir(self.run_dir)
-        run.write_json("front.json", self.to_dict())
+        written = [run.write_json("front.json", self.to_dict())]
         try:
-            plot_front(self.points(), self.run_dir, budget=self.budget_fraction(), cost_label=self.cost_label(),
-                       score_label="score", title=f"autorank front — budget {self.budget}")
+            paths = plot_front(self.points(), self.run_dir, budget=self.budget_fraction(), cost_label=self.cost_label(),
+                               score_label="score", title=f"autorank front — budget {self.budget}")
+        except DiskFullError:
+            raise
         except Exception as exc:  # plots are a convenience; a missing backend never fails a search
             logger.warning("could not draw the Pareto plot: %s", exc)
+        else:
+            written += [Path(p) for p in (paths.values() if isinstance(paths, dict) else paths or ())]
+        return [p for p in written if p.exists()]
 
     def cost_label(self) -> str:
         return {"flops": "FLOPs (% of original)", "params": "parameters (% of original)", "latency": "latency (% of original)"}[self.cost_metric]
@@ -118,7 +173,7 @@ class SearchResult:
         front = {m.trial: m for m in self.front}
         pts = []
         for r in self.trials:
-            if r.get("state") != "COMPLETE":
+            if r.get("state") != "COMPLETE" or r.get("duplicate_of") is not None:
                 continue
             ft = (r.get("finetune") or {}).get("score")
             m = front.get(r["number"])
@@ -144,14 +199,20 @@ class SearchResult:
         if path is None or not path.exists():
             raise AutorankError(f"{self.run_dir}: the weights of trial {member.trial} are missing ({path})")
         base = original if original is not None else self.model
-        return load(path, model=base)
+        try:
+            return load(path, model=base, trust_spec=self.trust_spec)
+        except UntrustedSpecError:
+            spec = _saved_spec(path)
+            require_trusted(spec, False, what="model spec", source=f"{path} (trial {member.trial} of run {self.run_dir})",
+                            how="if you trust this run directory, pass --trust-spec (SearchResult.load(run, trust_spec=True)); "
+                                "or give the model yourself: --model SPEC (SearchResult.build(member, original=model))")
+            raise
 
     def weights_path(self, member: FrontMember) -> Optional[Path]:
-        """Where a member's weights are (stored relative to the run directory)."""
+        """Where a member's weights are (stored relative to the run directory, and always inside it)."""
         if not member.weights:
             return None
-        p = Path(member.weights)
-        return p if p.is_absolute() else Path(self.run_dir) / p
+        return RunDir(self.run_dir).inside(member.weights, Path(self.run_dir) / "front.json")
 
     def export(self, member: Union[FrontMember, int], path: Union[str, Path], *, format: str = "pt", force: bool = False,
                example_inputs: Any = None):
@@ -159,7 +220,7 @@ class SearchResult:
         member = self.member(member) if isinstance(member, int) else member
         model = self.build(member)
         if example_inputs is None:
-            example_inputs = _example_inputs(self.run_dir)
+            example_inputs = _example_inputs(self.run_dir, self.trust_spec, format)
         meta = {"plan": member.plan.to_dict(), "metrics": {k: v for k, v in member.to_dict().items() if k != "plan"},
                 "source_run": str(Path(self.run_dir).resolve()), "trial": member.trial, "budget": self.budget}
         spec = model.__dict__.get("_autorank_spec")
@@ -202,19 +263,45 @@ class SearchResult:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, run_dir: Union[str, Path]) -> "SearchResult":
+    def load(cls, run_dir: Union[str, Path], *, trust_spec: bool = False) -> "SearchResult":
+        """The result recorded in a run directory (checked as it is read; nothing it names is imported).
+
+        ``trust_spec``: allow the run's ``module:callable`` / ``file.py:callable`` model and
+        task specs to be imported when a member is built or exported (``--trust-spec``).
+        """
         rd = RunDir.open_existing(run_dir)
         data = rd.read_json("front.json")
+        trials = rd.trial_records()
         if data is None:
-            n = len(rd.trial_records())
             raise AutorankError(
-                f"{rd.path} has no front yet ({n} trial record(s)); run the search to the end (the same command resumes it)"
+                f"{rd.path} has no front yet ({len(trials)} trial record(s)); run the search to the end (the same command resumes it)"
             )
+        source = rd.path / "front.json"
+        if not isinstance(data, dict):
+            raise RunDirError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        for key, kinds in (("budget", str), ("cost_metric", str), ("base_score", (int, float)), ("original", dict),
+                           ("front", list), ("wasted_fraction", (int, float))):
+            if not isinstance(data.get(key), kinds) or isinstance(data.get(key), bool):
+                raise RunDirError(f"{source}: {key!r} is missing or not a {kinds.__name__ if isinstance(kinds, type) else 'number'}")
+        if data["cost_metric"] not in ("flops", "params", "latency"):
+            raise RunDirError(f"{source}: unknown cost metric {data['cost_metric']!r}")
+        if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in data["original"].items()):
+            raise RunDirError(f"{source}: 'original' must map metrics to numbers")
+        try:
+            parse_budget(data["budget"])
+        except AutorankError as exc:
+            raise RunDirError(f"{source}: {exc}") from None
+        front = [FrontMember.from_dict(m, source=f"{source}: front[{i}]") for i, m in enumerate(data["front"])]
+        for i, m in enumerate(front):
+            if m.weights is not None:
+                rd.inside(m.weights, f"{source}: front[{i}].weights")
+        latency = data.get("original_latency_s")
+        if latency is not None and (not isinstance(latency, (int, float)) or isinstance(latency, bool)):
+            raise RunDirError(f"{source}: 'original_latency_s' must be a number or null")
         return cls(
-            run_dir=rd.path, budget=data["budget"], cost_metric=data["cost_metric"], base_score=data["base_score"],
-            original=data["original"], front=[FrontMember.from_dict(m) for m in data["front"]],
-            trials=list(rd.trial_records().values()), wasted_fraction=data["wasted_fraction"],
-            original_latency_s=data.get("original_latency_s"),
+            run_dir=rd.path, budget=data["budget"], cost_metric=data["cost_metric"], base_score=float(data["base_score"]),
+            original=data["original"], front=front, trials=list(trials.values()), wasted_fraction=float(data["wasted_fraction"]),
+            original_latency_s=latency, trust_spec=bool(trust_spec),
         )
 
 
@@ -236,26 +323,56 @@ def _knee(members: list[FrontMember]) -> FrontMember:
     return pts[max(range(len(pts)), key=lambda i: -dist[i])]
 
 
-def _example_inputs(run_dir: Path) -> Any:
-    """The example input of the run's model: from the task when it can be rebuilt, else the built-in spec's."""
-    settings = RunDir(run_dir).settings()
-    spec = (settings.get("model") or {}).get("spec")
-    task_spec = (settings.get("task") or {}).get("spec")
+def _saved_spec(path: Path) -> Optional[str]:
+    try:
+        return metadata(path).get("spec")
+    except AutorankError:
+        return None
+
+
+def _example_inputs(run_dir: Path, trust_spec: bool = False, fmt: str = "pt") -> Any:
+    """The example input of the run's model: from the task when it can be rebuilt, else the built-in spec's.
+
+    The task spec comes from the run's settings.json: a ``module:callable`` / ``file.py:callable``
+    one is imported only with ``trust_spec``; without it, the built-in model's example input
+    is used, and a ``pt`` export goes without one (its check compares the weights).
+    """
+    rd = RunDir(run_dir)
+    settings = rd.settings()
+    model, task = settings.get("model") or {}, settings.get("task") or {}
+    if not isinstance(model, dict) or not isinstance(task, dict):
+        raise RunDirError(f"{rd.settings_path}: 'model' and 'task' must be objects")
+    spec, task_spec = model.get("spec"), task.get("spec")
+    for what, v in (("model spec", spec), ("task spec", task_spec)):
+        if v is not None and not isinstance(v, str):
+            raise RunDirError(f"{rd.settings_path}: the {what} must be a string or null, got {type(v).__name__}")
+    if task_spec is not None and not (trust_spec or is_safe_spec(task_spec)):
+        x = example_input(spec) if isinstance(spec, str) and is_safe_spec(spec) else None
+        if x is not None or fmt == "pt":
+            logger.info("not importing the run's task spec %r (untrusted); %s", task_spec,
+                        "using the built-in model's example input" if x is not None else "checking the weights only")
+            return x
+        require_trusted(task_spec, False, what="task spec", source=str(rd.settings_path),
+                        how=f"exporting as {fmt} needs the task's example input: if you trust this run directory, pass --trust-spec")
     try:
         return load_task(task_spec, spec).example_inputs()
     except AutorankError:
-        x = example_input(spec) if spec else None
+        x = example_input(spec) if isinstance(spec, str) and is_safe_spec(spec) else None
         if x is None:
             raise
         return x
 
 
-def build_front(run: RunDir, study, cost, budget, base_score: float) -> SearchResult:
-    """The Pareto front (score up, cost down) over the finished, feasible trials, best-known scores."""
-    records = run.trial_records()
+def build_front(run: RunDir, study, cost, budget, base_score: float, layers=None) -> SearchResult:
+    """The Pareto front (score up, cost down) over the finished, feasible trials, best-known scores.
+
+    ``layers``: the searched layers; records naming others are refused (see RunDir.trial_records).
+    A trial that repeated an already scored plan (``duplicate_of``) is not a separate member.
+    """
+    records = run.trial_records(layers)
     rows = []
     for number, r in sorted(records.items()):
-        if r.get("state") != "COMPLETE" or not r.get("feasible", True):
+        if r.get("state") != "COMPLETE" or not r.get("feasible", True) or r.get("duplicate_of") is not None:
             continue
         ft = r.get("finetune") or {}
         score = ft.get("score") if ft.get("score") is not None else r.get("score")

@@ -130,7 +130,11 @@ class SearchSpace:
             raise SpaceError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise SpaceError(f"cannot read search space {path}: {exc}") from None
-        return cls.from_dict(data if data is not None else {}, str(path))
+        if data is None or (isinstance(data, dict) and not set(data) - {"description"}):
+            # an empty file (or one holding only comments or a description) is a mistake, not "every method"
+            raise SpaceError(f"{path}: the search space is empty; give at least 'methods' "
+                             f"(e.g. methods: [svd, tucker2]) — keys: {', '.join(sorted(_TOP_KEYS))}")
+        return cls.from_dict(data, str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> "SearchSpace":
