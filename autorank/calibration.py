@@ -30,8 +30,9 @@ Singular Value Decomposition for Large Language Model Compression." arXiv
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +146,8 @@ class _Grams:
     Per forward pass (``begin``/``end``), an input tensor read by several Linear
     layers is turned into rows and multiplied once; layers that read the same
     tensor in every pass end up sharing one accumulated matrix (``finish``).
+    The per-pass memo holds the input only by a weak reference: its entry (and
+    the batch's Gram matrix) goes as soon as the model drops the activation.
     """
 
     def __init__(self, named: dict[str, nn.Module], names: Sequence[str], cal: Calibration):
@@ -154,8 +157,9 @@ class _Grams:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.partners: dict[str, set[str]] = {}
-        # per pass: input key -> (the input, kept alive so that its address is not reused; gram; rows; layers)
-        self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor, int, list[str]]] = {}
+        # per pass: id(input) -> (weak reference to the input, its version counter, gram, rows, the layers that read it)
+        self._memo: dict[int, tuple[weakref.ref, int, torch.Tensor, int, list[str]]] = {}
+        self._groups: list[list[str]] = []  # per pass: the layers that read one memoised input
         self._handles: list = []
 
     def attach(self) -> "_Grams":
@@ -170,18 +174,27 @@ class _Grams:
 
     def begin(self) -> None:
         self._memo = {}
+        self._groups = []
 
     def end(self) -> None:
-        for _, _, _, names in self._memo.values():
+        called: set[str] = set()
+        for names in self._groups:
             group = set(names)
+            called |= group
             for n in names:
                 self.partners[n] = group if n not in self.partners else (self.partners[n] & group)
         # a layer that read no memoised input in this pass (or was not called) shares with nobody
-        called = {n for _, _, _, names in self._memo.values() for n in names}
         for n in list(self.partners):
             if n not in called and n in self.counts:
                 self.partners[n] = {n}
         self._memo = {}
+        self._groups = []
+
+    def _forget(self, key: int) -> Callable[[weakref.ref], None]:
+        def drop(_ref) -> None:
+            self._memo.pop(key, None)
+
+        return drop
 
     def _hook(self, name: str):
         spec = self.specs[name]
@@ -190,12 +203,10 @@ class _Grams:
             x = args[0]
             if name not in self.cal.input_shapes:
                 self.cal.input_shapes[name] = tuple(x.shape)
-            key = None
-            if not spec.is_conv:
-                key = (x.data_ptr(), x.dtype, tuple(x.shape), tuple(x.stride()), x._version, spec.in_channels)
+            key = None if spec.is_conv else id(x)
             hit = self._memo.get(key) if key is not None else None
-            if hit is not None:
-                _, gram, rows, names = hit
+            if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2].shape[-1] == spec.in_channels:
+                _, _, gram, rows, names = hit
                 names.append(name)
                 shared = True
             else:
@@ -203,7 +214,9 @@ class _Grams:
                 gram, rows, shared = r.transpose(1, 2) @ r, r.shape[1], False
                 del r
                 if key is not None:
-                    self._memo[key] = (x, gram, rows, [name])
+                    names = [name]
+                    self._groups.append(names)
+                    self._memo[key] = (weakref.ref(x, self._forget(key)), x._version, gram, rows, names)
             if name in self.sums:
                 self.sums[name] += gram
             else:  # the first pass: a gram another layer also starts from is copied, never aliased

@@ -198,7 +198,7 @@ def load_hf_model(spec: str) -> nn.Module:
     """
     parsed = parse_hf_spec(spec)
     data = _read_config(parsed, spec)
-    if not any(parsed.path.glob(g) for g in _WEIGHT_GLOBS):
+    if not any(next(parsed.path.glob(g), None) is not None for g in _WEIGHT_GLOBS):
         raise ModelSpecError(f"model spec {spec!r}: no weights (*.safetensors or pytorch_model*.bin) in {parsed.path}")
     transformers = _transformers(spec)
     _check_no_remote_code(data, parsed, spec, transformers)

@@ -60,8 +60,8 @@ logger = logging.getLogger("autorank")
 __all__ = ["PerplexityTask", "perplexity_task", "PERPLEXITY_PREFIX"]
 
 PERPLEXITY_PREFIX = "perplexity:"
-#: rows of logits turned into float32 at a time when scoring (bounds memory for large vocabularies)
-_CHUNK_ROWS = 2048
+#: logits turned into float32 at a time when scoring: 2^22 elements (16 MiB), whatever the vocabulary
+_CHUNK_ELEMENTS = 1 << 22
 _SPEC_KEYS = {
     "seq_len": int, "held_out": int, "calibration": int, "batch_size": int, "device": str, "loss": str,
     "train": str, "lr": float, "steps": int, "seed": int, "temperature": float,
@@ -116,9 +116,9 @@ class PerplexityTask(BaseTask):
         path = Path(file).expanduser()
         if not path.is_file():
             raise TaskError(f"perplexity task: text file not found: {path}")
-        for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("steps", steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "seq_len" else 1 if key == "batch_size" else 0):
-                raise TaskError(f"perplexity task: {key} must be an integer >= {2 if key == 'seq_len' else 1 if key == 'batch_size' else 0}, got {value!r}")
+        for key, value, least in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("steps", steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise TaskError(f"perplexity task: {key} must be an integer >= {least}, got {value!r}")
         loss, train = str(loss).lower(), str(train).lower()
         if loss not in ("kl", "ce"):
             raise TaskError(f"perplexity task: loss {loss!r}: use 'kl' (distil from the original) or 'ce' (next tokens of the text)")
@@ -212,6 +212,12 @@ class PerplexityTask(BaseTask):
     def setup(self, original: nn.Module) -> None:
         """Keep a reference to the original (the distillation teacher; never copied) and record its perplexity."""
         _to(original, self.device)
+        embeddings = original.get_input_embeddings() if callable(getattr(original, "get_input_embeddings", None)) else None
+        vocab = getattr(embeddings, "num_embeddings", None)
+        top = max(int(w.max()) for w in (self.held_out, self.calibration, self.distillation))
+        if vocab is not None and top >= vocab:
+            raise TaskError(f"{self.name}: the tokenizer gives token id {top}, the model's vocabulary has {vocab} entries: "
+                            "not the model's tokenizer")
         self._teacher = original
         score = self._score(original, "the original model")
         self.original_perplexity = self.perplexity(score)
@@ -241,8 +247,9 @@ class PerplexityTask(BaseTask):
                     logits = self._logits(model, ids, f"{what} on held-out batch {i}")
                     pred = logits[:, :-1].reshape(-1, logits.shape[-1])
                     target = ids[:, 1:].reshape(-1)
-                    for r in range(0, pred.shape[0], _CHUNK_ROWS):
-                        total += float(F.cross_entropy(pred[r:r + _CHUNK_ROWS].float(), target[r:r + _CHUNK_ROWS], reduction="sum"))
+                    rows = max(1, _CHUNK_ELEMENTS // pred.shape[1])
+                    for r in range(0, pred.shape[0], rows):
+                        total += float(F.cross_entropy(pred[r:r + rows].float(), target[r:r + rows], reduction="sum"))
                     count += target.numel()
                     del logits, pred
         finally:
@@ -326,12 +333,14 @@ class PerplexityTask(BaseTask):
 
 
 def _to(model: nn.Module, device: str) -> None:
-    """Move ``model`` to ``device`` unless it is there (a shared trial model is never moved for nothing)."""
+    """Move ``model`` to ``device`` unless it is there already (judged by its first parameter)."""
     target = torch.device(device)
-    for p in model.parameters():
-        if p.device.type != target.type or (target.index is not None and p.device.index != target.index):
-            model.to(target)
+    first = next(model.parameters(), None)
+    if first is None:
         return
+    here = first.device
+    if here.type != target.type or (target.index is not None and here.index != target.index):
+        model.to(target)
 
 
 def _tokenize(tokenizer: Any, text: str, path: Path) -> torch.Tensor:
