@@ -59,7 +59,7 @@ def weight_digest(t: torch.Tensor) -> str:
         sample = flat[:: max(1, flat.numel() // 1024)][:1024]
         # one reduction pass plus a spread sample: cheap, and changed by any ordinary edit
         fingerprint = (data.data_ptr(), t._version, float(flat.sum()) if flat.numel() else 0.0,
-                       sample.cpu().numpy().tobytes())
+                       sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())  # raw bytes: numpy has no bfloat16
     key = id(t)
     with _DIGEST_LOCK:
         hit = _DIGESTS.get(key)

@@ -7,8 +7,8 @@ specs the user gave (command line, Python call) are resolved here.
 The trust rule, in one place (:func:`is_safe_spec`): a spec read from a file (a
 saved model, a run directory's ``settings.json``) is resolved only when doing so
 runs no code outside autorank — a plain name (autorank's built-ins; any other
-plain name is refused without importing anything) or a ``hf:`` directory (loaded
-with ``local_files_only`` and without remote code) — or when the caller says it
+plain name is refused without importing anything), a ``hf:`` directory (loaded
+with ``local_files_only`` and without remote code) or a ``perplexity:`` text file — or when the caller says it
 trusts the file (``trust_spec=True``, ``--trust-spec``), in the spirit of
 Hugging Face's ``trust_remote_code``. Anything else (``package.module:callable``,
 ``file.py:callable``) raises :class:`UntrustedSpecError`, whose message says how to
@@ -30,8 +30,9 @@ from autorank.errors import ModelSpecError, SaveLoadError
 __all__ = ["resolve_target", "import_file", "is_safe_spec", "require_trusted", "UntrustedSpecError", "SAFE_PREFIXES"]
 
 #: spec prefixes autorank resolves itself, without importing anyone's module or file
-#: (``hf:DIR``: a Hugging Face directory, loaded offline and without remote code)
-SAFE_PREFIXES: tuple[str, ...] = ("hf:",)
+#: (``hf:DIR``: a Hugging Face directory, loaded offline and without remote code;
+#: ``perplexity:FILE``: the perplexity task on a text file, read as text)
+SAFE_PREFIXES: tuple[str, ...] = ("hf:", "perplexity:")
 
 
 class UntrustedSpecError(SaveLoadError, ModelSpecError):

@@ -34,6 +34,7 @@ __all__ = [
     "ResolvedLayer",
     "resolve_plan",
     "decompose",
+    "share_with",
     "plan_of",
     "apply_skeleton",
 ]
@@ -116,6 +117,7 @@ def decompose(
     example_inputs: Any = None,
     cache: Optional[FactorCache] = None,
     progress: Optional[Callable[[int, int, str], None]] = None,
+    share: bool = False,
 ) -> nn.Module:
     """A new model with the layers of ``plan`` decomposed; ``model`` is left untouched.
 
@@ -126,6 +128,11 @@ def decompose(
     fractional ranks count FLOPs on the real feature-map sizes.
     ``cache``: where factorizations are kept (default: the process-wide cache).
     ``progress``: called as ``progress(done, total, layer_name)``.
+    ``share``: the new model shares every parameter and buffer it keeps with
+    ``model`` instead of copying them (see :func:`share_with`): memory for the
+    replaced layers only, for a search's trials on large models. Then training the
+    new model's kept parameters, or moving it to another device or dtype, changes
+    ``model`` too; by default (``False``) the new model is independent.
     """
     plan = Plan.coerce(plan)
     cache = cache if cache is not None else default_cache()
@@ -156,7 +163,7 @@ def decompose(
         replacements[rl.name] = _restore(rl.method.build(rl.module, factors, rl.rank, rl.options), rl.options)
         if progress is not None:
             progress(i + 1, total, rl.name)
-    return _copy_with(model, replacements)
+    return share_with(model, replacements) if share else _copy_with(model, replacements)
 
 
 def _copy_with(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
@@ -176,6 +183,43 @@ def _copy_with(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Modul
         if type(b) is torch.Tensor and not b.__dict__ and b.grad is None:
             memo[id(b)] = b.detach().clone()
     new = copy.deepcopy(model, memo)
+    for name, module in sorted(replacements.items(), key=lambda kv: kv[0].count(".")):
+        set_submodule(new, name, module)
+    return new
+
+
+def share_with(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """A structural copy of ``model`` that shares its tensors, with ``replacements`` swapped in.
+
+    Every module object is new (its own ``training`` flag, child and hook
+    dictionaries, so swapping a child, calling ``.train()`` or registering a
+    hook on the copy leaves ``model`` as it was), but the parameters and buffers
+    are ``model``'s own objects: the copy costs no tensor memory, ties between
+    weights stay ties, and a weight the copy keeps is the original's. Whatever
+    changes those tensors in place (an optimizer step, ``.to(other device or
+    dtype)``, ``requires_grad_``) changes ``model``: train only new parameters
+    (those of the replacements) or copy first.
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def clone(module: nn.Module) -> nn.Module:
+        hit = memo.get(id(module))
+        if hit is not None:  # a module registered at two places stays one module
+            return hit
+        new = module.__class__.__new__(module.__class__)
+        memo[id(module)] = new
+        state = {}
+        for key, value in module.__dict__.items():
+            if key == "_modules":
+                continue
+            state[key] = value.copy() if isinstance(value, (dict, set, list)) else value
+        new.__dict__.update(state)
+        new.__dict__["_modules"] = type(module._modules)(
+            (k, None if child is None else clone(child)) for k, child in module._modules.items()
+        )
+        return new
+
+    new = clone(model)
     for name, module in sorted(replacements.items(), key=lambda kv: kv[0].count(".")):
         set_submodule(new, name, module)
     return new

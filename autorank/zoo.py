@@ -9,7 +9,9 @@ A model spec names a callable returning an ``nn.Module``:
   ``resnet50`` (ResNet-50-shaped, random weights), ``bert-base`` (BERT-base-shaped
   encoder, random weights);
 - ``package.module:callable`` (importable from ``sys.path``);
-- ``path/to/file.py:callable``.
+- ``path/to/file.py:callable``;
+- ``hf:PATH[?dtype=bfloat16]``: a Hugging Face model saved in a local directory,
+  loaded offline (see :mod:`autorank.hf`).
 
 The callable is called with no arguments; it may also be an ``nn.Module``
 instance. The loaded model remembers its spec, so that :func:`autorank.save`
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from autorank.errors import ModelSpecError
+from autorank.hf import hf_example_input, is_hf_spec, load_hf_model, with_dtype
 from autorank.models import BertEncoder, ResNet, seeded
 from autorank.specs import resolve_target
 from autorank.tasks.demo import trained_demo_model
@@ -73,6 +76,8 @@ BUILTINS: dict[str, Builtin] = {
 
 def example_input(spec: str, shape: Optional[tuple[int, ...]] = None, batch: Optional[int] = None) -> Optional[torch.Tensor]:
     """A deterministic example input for a built-in spec (or any spec, given a shape)."""
+    if is_hf_spec(spec):
+        return hf_example_input(spec, shape, batch)
     b = BUILTINS.get(spec)
     if shape is None:
         if b is None:
@@ -104,6 +109,10 @@ def load_model(spec: str) -> nn.Module:
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError("model spec must be a non-empty string such as 'demo' or 'package.module:callable'")
     spec = spec.strip()
+    if is_hf_spec(spec):
+        model = load_hf_model(spec)
+        model.__dict__[SPEC_ATTR] = with_dtype(spec, None)  # absolute path, dtype written
+        return model
     obj = _resolve_callable(spec)
     if isinstance(obj, nn.Module):
         model = obj

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from autorank.cli.common import CLIError, get_console, pct
+from autorank.hf import is_hf_spec, with_dtype
 from autorank.search.executor import RayExecutor
 from autorank.search.result import SearchResult
 from autorank.search.rundir import RunDir, RunDirLockedError
@@ -27,6 +29,7 @@ SEARCH_EXAMPLES = """examples:
   autorank search --model demo --budget 50%params --trials 80 --out runs/demo50
   autorank search --model minilm --budget 40%flops --space transformer
   autorank search --model mymodel.py:build --task mytask.py:make_task --budget latency<=4ms
+  autorank search --model hf:path/to/llama --task perplexity:wiki.txt --budget 80%params --dtype bfloat16 --seq-len 256
   autorank search --budget 30%flops --address auto --workers 8 --gpus-per-trial 0.5   # on a Ray cluster
 
 The same command run again resumes the run directory (no finished trial is redone).
@@ -52,6 +55,10 @@ def _slug(text: str) -> str:
 
 
 def default_out(model: str, budget: str) -> Path:
+    from autorank.hf import is_hf_spec, parse_hf_spec
+
+    if is_hf_spec(model):
+        return Path("runs") / f"{_slug(parse_hf_spec(model).path.name)}-{_slug(budget)}"
     stem = Path(model.split(":")[0]).stem if (":" in model or model.endswith(".py")) else model
     return Path("runs") / f"{_slug(stem)}-{_slug(budget)}"
 
@@ -103,7 +110,30 @@ class _Progress:
         self.bar.update(self.task, completed=e.get("done", 0), total=e.get("total") or 1, info=info)
 
 
+def _llm_args(args) -> None:
+    """``--dtype`` into a ``hf:`` model spec, ``--seq-len`` into a ``perplexity:`` task spec, the ``llm`` space by default for ``hf:``."""
+    hf = is_hf_spec(args.model)
+    if args.dtype is not None:
+        if not hf:
+            raise CLIError(f"--dtype {args.dtype}: applies to Hugging Face models (--model hf:DIR), not {args.model!r}")
+        args.model = with_dtype(args.model, args.dtype)
+    if (args.task or "").startswith("perplexity:"):  # the file made absolute: workers may run elsewhere
+        body, sep, query = args.task[len("perplexity:"):].partition("?")
+        args.task = f"perplexity:{Path(body).expanduser().resolve()}{sep}{query}"
+    if args.seq_len is not None:
+        if args.seq_len < 2:
+            raise CLIError(f"--seq-len {args.seq_len}: expected a number of tokens >= 2")
+        if not (args.task or "").startswith("perplexity:"):
+            raise CLIError(f"--seq-len {args.seq_len}: applies to the perplexity task (--task perplexity:FILE)")
+        if "seq_len=" in args.task.rpartition("?")[2]:
+            raise CLIError("--seq-len: the task spec already sets seq_len")
+        args.task += ("&" if "?" in args.task else "?") + f"seq_len={args.seq_len}"
+    if args.space is None:
+        args.space = "llm" if hf else "default"
+
+
 def cmd_search(args) -> int:
+    _llm_args(args)
     out = Path(args.out) if args.out else default_out(args.model, args.budget)
     console = get_console()
     if not args.json:
@@ -165,13 +195,25 @@ def _resources(text: Optional[str]) -> Optional[dict]:
     return data
 
 
+def _is_perplexity(result) -> bool:
+    """Whether the run's task scores −log perplexity (then the front also shows the perplexity, exp(−score))."""
+    try:
+        settings = json.loads((Path(result.run_dir) / "settings.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (settings.get("task") or {}).get("metric") == "neg-log-perplexity"
+
+
 def _print_front(result, console) -> None:
     base = result.base_score
-    t = Table(title=f"Pareto front — budget {result.budget} (base score {base:.4g}; FLOPs: one multiply-add = one FLOP)")
-    for col in ("trial", "methods", "score", "FLOPs", "params", "latency", "fine-tuned", "origin"):
+    ppl = _is_perplexity(result)
+    scored = f"base score {base:.4g}" + (f" = -log perplexity {math.exp(-base):.4g}" if ppl else "")
+    t = Table(title=f"Pareto front — budget {result.budget} ({scored}; FLOPs: one multiply-add = one FLOP)")
+    for col in ("trial", "methods", "score") + (("perplexity",) if ppl else ()) + ("FLOPs", "params", "latency", "fine-tuned", "origin"):
         t.add_column(col, overflow="fold")
     for m in result.front:
-        t.add_row(str(m.trial), m.summary, f"{m.score:.4g}", pct(m.flops_ratio), pct(m.params_ratio),
+        extra = (f"{math.exp(-m.score):.4g}",) if ppl else ()
+        t.add_row(str(m.trial), m.summary, f"{m.score:.4g}", *extra, pct(m.flops_ratio), pct(m.params_ratio),
                   _ms(m.latency_measured_s), "yes" if m.finetuned else "no", m.origin)
     console.print(t)
     if result.original_latency_s:
@@ -257,11 +299,13 @@ def add_commands(sub) -> None:
     s = sub.add_parser("search", help="search per-layer methods and ranks under a budget; returns a Pareto front",
                        epilog=SEARCH_EXAMPLES, formatter_class=fmt)
     s.add_argument("--model", default="demo", metavar="SPEC",
-                   help="built-in (demo, minilm, resnet50, bert-base), package.module:callable or file.py:callable (default: demo)")
-    s.add_argument("--task", metavar="SPEC", help="how to score and fine-tune: demo, minilm, package.module:callable or file.py:callable "
-                                                  "(default: the built-in model's own task)")
+                   help="built-in (demo, minilm, resnet50, bert-base), package.module:callable, file.py:callable "
+                        "or hf:DIR (a Hugging Face model saved in a local directory) (default: demo)")
+    s.add_argument("--task", metavar="SPEC", help="how to score and fine-tune: demo, minilm, perplexity:FILE.txt (causal LMs), "
+                                                  "package.module:callable or file.py:callable (default: the built-in model's own task)")
     s.add_argument("--budget", required=True, help="e.g. 30%%flops, 50%%params, flops<=1.2G, latency<=4ms (comma-separated: all hold)")
-    s.add_argument("--space", default="default", metavar="NAME|FILE", help="search space: default, cnn, transformer or a YAML file")
+    s.add_argument("--space", metavar="NAME|FILE", help="search space: default, cnn, transformer, llm or a YAML file "
+                                                      "(default: llm for hf: models, else default)")
     s.add_argument("--trials", type=int, default=40, help="zero-shot trials in total, warm-start plans included (default 40)")
     s.add_argument("--finetune", type=int, default=4, metavar="K", help="fine-tune the K most promising plans (default 4; 0: none)")
     s.add_argument("--finetune-steps", type=int, metavar="N", help="optimizer steps per fine-tuning (default: the task's)")
@@ -282,6 +326,9 @@ def add_commands(sub) -> None:
     s.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial on Ray, fractions allowed (default 0)")
     s.add_argument("--resources", metavar="JSON", help="custom Ray resources per trial, e.g. '{\"accelerator_type:A100\": 0.01}'")
     s.add_argument("--cache-dir", metavar="DIR", help="factor cache shared by the workers of a node (default RUN/factor-cache)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="with --model hf:DIR: the dtype the model is loaded and searched in (default float32)")
+    s.add_argument("--seq-len", type=int, metavar="N", help="with --task perplexity:FILE: tokens per window (default 128)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_search)

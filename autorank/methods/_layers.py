@@ -229,8 +229,8 @@ def make_conv(
     has_bias = has_bias or bias is not None
     conv = nn.Conv2d(
         in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, bias=has_bias, padding_mode=padding_mode, device="meta",
-    )
+        groups=groups, bias=has_bias, padding_mode=padding_mode, device="meta", dtype=dtype,
+    )  # the skeleton in the layer's dtype: autorank.load of a bfloat16 model fills it as bfloat16
     if weight is not None:
         expected = (out_ch, in_ch // groups, kernel[0], kernel[1])
         if tuple(weight.shape) != expected:
@@ -254,7 +254,7 @@ def make_linear(
 ) -> nn.Linear:
     """An ``nn.Linear`` holding the given (out, in) weight; meta skeleton when ``weight=None``."""
     has_bias = has_bias or bias is not None
-    lin = nn.Linear(n_in, n_out, bias=has_bias, device="meta")
+    lin = nn.Linear(n_in, n_out, bias=has_bias, device="meta", dtype=dtype)  # skeleton in the layer's dtype (see make_conv)
     if weight is not None:
         if tuple(weight.shape) != (n_out, n_in):
             raise RuntimeError(f"internal: linear weight shape {tuple(weight.shape)} != {(n_out, n_in)}")

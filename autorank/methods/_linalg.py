@@ -58,7 +58,7 @@ def whitening(gram: torch.Tensor, jitter0: float = 1e-8, max_tries: int = 8) -> 
         raise ValueError("the input Gram matrix has non-finite values")
     if scale <= 0.0:
         raise ValueError("the layer's calibration inputs are all zero")
-    eye = torch.eye(d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64, device=g.device)
     jitter = jitter0
     for _ in range(max_tries):
         chol, info = torch.linalg.cholesky_ex(g + (jitter * scale) * eye)

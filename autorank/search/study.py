@@ -123,6 +123,7 @@ def search(
     model_spec = model if isinstance(model, str) else None
     if isinstance(model, str):
         model = load_model(model)
+        model_spec = model.__dict__.get(SPEC_ATTR) or model_spec  # normalised (absolute paths): what workers and saved files rebuild from
     if not isinstance(model, nn.Module):
         raise SearchError(f"model must be an nn.Module or a model spec string, got {type(model).__name__}")
     task_spec = task if isinstance(task, str) else None

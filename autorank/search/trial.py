@@ -94,14 +94,23 @@ class TrialRunner:
         inputs = task.calibration_inputs()
         if inputs is not None and (calibrate is None or calibrate):
             self.calibration = collect(self.model, inputs, calibrate)
-        self.cache = FactorCache(directory=cache_dir)
+        # memory bound as for the process-wide cache ($AUTORANK_CACHE_MAX_BYTES, default 2 GiB); misses go to disk
+        self.cache = FactorCache(directory=cache_dir, max_bytes=int(os.environ.get("AUTORANK_CACHE_MAX_BYTES", 2 << 30)))
         self.setup_s = time.perf_counter() - t0
         self.trials_run = 0
 
     # ------------------------------------------------------------------ building
-    def build(self, plan: Plan) -> nn.Module:
-        model = decompose(self.model, plan, self.calibration, cache=self.cache)
+    def build(self, plan: Plan, *, share: bool = True) -> nn.Module:
+        """The plan's model. ``share``: it shares every untouched parameter with ``self.model``
+        (no copy: memory for the replaced layers only); only the task's ``evaluate`` (which must
+        not change weights) and a fine-tune that trains only the factors may use it."""
+        model = decompose(self.model, plan, self.calibration, cache=self.cache, share=share)
         return model.to(self.device).eval()
+
+    def _finetune_shares(self) -> bool:
+        """Whether the task's ``finetune`` leaves parameters outside the decomposed layers alone
+        (``task.finetune_preserves_original``); otherwise fine-tuning gets an independent copy."""
+        return bool(getattr(self.task, "finetune_preserves_original", False))
 
     def evaluate(self, model: nn.Module) -> float:
         with torch.no_grad():
@@ -148,7 +157,7 @@ class TrialRunner:
         t0 = time.perf_counter()
         try:
             plan = Plan.from_dict(plan_dict)
-            model = self.build(plan)
+            model = self.build(plan, share=self._finetune_shares())
             zero_shot = out["zero_shot_score"] = self.evaluate(model)
             t1 = time.perf_counter()
             torch.manual_seed(seed)
@@ -171,7 +180,7 @@ class TrialRunner:
             out["score"] = score
             out["bytes"] = model_bytes(model)
             if save_to is not None:
-                save(model.to("cpu"), save_to, spec=spec, metadata=metadata)
+                save(model, save_to, spec=spec, metadata=metadata)  # tensors go to the CPU one by one
                 out["weights"] = str(save_to)
         except Exception as exc:
             out.update(_error(exc))
@@ -182,7 +191,7 @@ class TrialRunner:
         """Build a plan zero-shot and save it (autorank.save format), for front members not fine-tuned."""
         out: dict[str, Any] = {"where": where()}
         try:
-            save(self.build(Plan.from_dict(plan_dict)).to("cpu"), save_to, spec=spec, metadata=metadata)
+            save(self.build(Plan.from_dict(plan_dict)), save_to, spec=spec, metadata=metadata)
             out["weights"] = str(save_to)
         except Exception as exc:
             out.update(_error(exc))

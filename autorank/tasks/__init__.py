@@ -5,6 +5,7 @@
 - :class:`FidelityTask` — label-free: agreement with the original model, distillation.
 - :func:`demo_task` — scikit-learn's 8×8 digits (the ``demo`` model's task).
 - :func:`minilm_task` — sentence-embedding fidelity for the ``minilm`` model.
+- :class:`PerplexityTask` — next-token perplexity of a causal LM on a text file (``perplexity:FILE``).
 - :func:`load_task` — a task from a spec (built-in name, ``module:callable``, ``file.py:callable``).
 """
 
@@ -16,12 +17,14 @@ from autorank.tasks.classification import ClassificationTask
 from autorank.tasks.demo import demo_task
 from autorank.tasks.fidelity import FidelityTask
 from autorank.tasks.loader import load_task
+from autorank.tasks.perplexity import PerplexityTask
 from autorank.tasks.text import minilm_task  # transformers is imported only when a MiniLM is loaded
 
 __all__ = [
     "BaseTask",
     "ClassificationTask",
     "FidelityTask",
+    "PerplexityTask",
     "Task",
     "TaskError",
     "demo_task",

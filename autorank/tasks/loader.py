@@ -4,6 +4,9 @@ A task spec is one of:
 
 - a built-in name: ``demo`` (digits classification, :func:`~autorank.tasks.demo.demo_task`)
   or ``minilm`` (sentence-embedding fidelity, :func:`~autorank.tasks.text.minilm_task`);
+- ``perplexity:FILE.txt[?seq_len=128&...]``: next-token perplexity of a causal LM on a
+  text file, tokenised with the tokenizer saved with a ``hf:DIR`` model
+  (:class:`~autorank.tasks.perplexity.PerplexityTask`);
 - ``package.module:callable`` or ``path/to/file.py:callable``: a callable called with
   no arguments that returns a task (a task class works), or a task object itself;
 - a task object (returned as is, once checked);
@@ -24,6 +27,7 @@ from autorank.errors import TaskError
 from autorank.specs import resolve_target
 from autorank.tasks.base import TASK_ATTRIBUTES, TASK_METHODS, Task
 from autorank.tasks.demo import demo_task
+from autorank.tasks.perplexity import PERPLEXITY_PREFIX, perplexity_task
 from autorank.tasks.text import minilm_task
 
 __all__ = ["BUILTIN_TASKS", "load_task", "check_task"]
@@ -57,8 +61,12 @@ def check_task(obj: Any, spec: str) -> Task:
     return obj
 
 
-def load_task(spec: Union[str, Task, None], model_spec: Optional[str] = None, *, device: str = "cpu") -> Task:
-    """The task a spec names (see the module docstring); ``device`` is given to built-in tasks."""
+def load_task(spec: Union[str, Task, None], model_spec: Optional[str] = None, *, device: Optional[str] = None) -> Task:
+    """The task a spec names (see the module docstring); ``device`` is given to built-in tasks
+    (default ``cpu``; a ``perplexity:`` spec's own ``device=`` option wins, else ``auto``: CUDA when available)."""
+    if isinstance(spec, str) and spec.strip().startswith(PERPLEXITY_PREFIX):
+        return check_task(perplexity_task(spec.strip(), model_spec, device=device), spec.strip())
+    device = device or "cpu"
     if spec is None:
         name = MODEL_TASKS.get(model_spec.strip()) if isinstance(model_spec, str) else None
         if name is None:
