@@ -45,6 +45,7 @@ from autorank.cost.cost_model import ChoicePlan, CostModel
 from autorank.cost.profile import profile_model
 from autorank.errors import AutorankError, NotApplicableError, SearchError
 from autorank.fileio import DiskFullError, disk_full_error
+from autorank.hf import is_hf_spec
 from autorank.report import pareto_indices
 from autorank.search.allocate import Sensitivity, cheapest_plan, describe_plan, local_moves, penalty_fn, repair, to_plan
 from autorank.search.executor_base import BaseExecutor, InProcessExecutor, run_one
@@ -93,7 +94,8 @@ def search(
     ``model``: an ``nn.Module`` or a model spec (``demo``, ``pkg.mod:callable``,
     ``file.py:callable``). ``task``: a Task, a task spec, or None for the built-in
     task of a built-in model. ``budget``: ``"30%flops"`` etc. ``space``: a built-in
-    space name, a YAML path, a dict or a SearchSpace. ``trials``: zero-shot trials
+    space name, a YAML path, a dict or a SearchSpace (default: ``default``, or ``llm``
+    for a ``hf:`` model). ``trials``: zero-shot trials
     in total (warm-start plans included); a run directory that already holds some
     continues up to this number. ``finetune``: how many promising plans to
     fine-tune, for ``finetune_steps`` steps each (default: the task's
@@ -117,6 +119,8 @@ def search(
     if sampler.lower() not in SAMPLERS:
         raise SearchError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+    if space is None and isinstance(model, str) and is_hf_spec(model):
+        space = "llm"  # decoder LLMs: the projections, svd or tt, aligned ranks
     space = SearchSpace.load(space)
     sensitivity = _given_sensitivity(sensitivity)
 
