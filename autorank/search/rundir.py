@@ -116,6 +116,46 @@ class RunDir:
         except (OSError, json.JSONDecodeError):
             return None
 
+    # ------------------------------------------------------------------ checkpoints of the phases
+    def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Append one record to ``name`` (JSON lines), flushed: a phase's checkpoint as it goes.
+
+        A driver killed mid-write leaves at most a torn last line, which
+        :meth:`read_jsonl` skips.
+        """
+        p = self.path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, sort_keys=True, default=_jsonable) + "\n"
+        with open(p, "ab") as f:
+            if f.tell() > 0:  # a torn last line (killed mid-write) must not swallow this record
+                with open(p, "rb") as r:
+                    r.seek(-1, 2)
+                    if r.read(1) != b"\n":
+                        line = "\n" + line
+            f.write(line.encode("utf-8"))
+            f.flush()
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        """The complete records of a JSON-lines checkpoint (a torn or foreign line is skipped)."""
+        p = self.path / name
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+    def remove(self, name: str) -> None:
+        try:
+            (self.path / name).unlink()
+        except FileNotFoundError:
+            pass
+
     def write_trial(self, number: int, record: dict[str, Any]) -> None:
         self.write_json(f"trials/{number:06d}.json", record)
 

@@ -40,6 +40,7 @@ from autorank.search.latency import latency_table_for, measure_front
 from autorank.search.params import DEFAULT_SAMPLER, SAMPLERS, choice_to_params, make_sampler, suggest
 from autorank.search.result import build_front
 from autorank.search.rundir import RunDir
+from autorank.search.sensitivity import SENSITIVITY_MODES
 from autorank.search.space import SearchSpace
 from autorank.search.warm_start import enqueue_warm_start, measure_sensitivity
 from autorank.tasks import load_task
@@ -73,6 +74,7 @@ def search(
     measure_latency: bool = True,
     sensitivity: Union[Sensitivity, str, Path, None] = None,
     local_every: int = 3,
+    sensitivity_mode: str = "estimate",
 ):
     """Search per-layer methods and ranks for ``model`` under ``budget``; returns a :class:`SearchResult`.
 
@@ -90,6 +92,9 @@ def search(
     ``sensitivity.json`` of an earlier run of the same model and task) instead of
     measuring it. ``local_every``: after this many sampler trials, one local move
     around the best plan so far (0: none; only with ``warm_start``).
+    ``sensitivity_mode``: ``estimate`` (default: layer output errors from one pass
+    over the calibration batches, calibrated by a few evaluations; see
+    :mod:`autorank.search.sensitivity`) or ``full`` (every probe evaluated).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t_start = time.perf_counter()
@@ -100,6 +105,8 @@ def search(
         raise SearchError(f"finetune must be an integer >= 0, got {finetune!r}")
     if not isinstance(sensitivity_points, int) or isinstance(sensitivity_points, bool) or sensitivity_points < 2:
         raise SearchError(f"sensitivity_points must be an integer >= 2 (the ends of the ρ grid at least), got {sensitivity_points!r}")
+    if sensitivity_mode not in SENSITIVITY_MODES:
+        raise SearchError(f"sensitivity mode {sensitivity_mode!r}: expected one of {', '.join(SENSITIVITY_MODES)}")
     if sampler.lower() not in SAMPLERS:
         raise SearchError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
@@ -126,6 +133,7 @@ def search(
         "finetune": finetune,
         "finetune_steps": steps,
         "warm_start": bool(warm_start),
+        "sensitivity": sensitivity_mode,
         "autorank_version": _version(),
     }
     resuming = run.prepare(settings)
@@ -178,7 +186,7 @@ def search(
                 if not isinstance(sensitivity, Sensitivity):
                     sensitivity = Sensitivity.from_dict(json.loads(Path(sensitivity).read_text()))
                 run.write_json("sensitivity.json", sensitivity.to_dict())
-            sens = measure_sensitivity(run, executor, choices, cost, base, sensitivity_points, emit)
+            sens = measure_sensitivity(run, executor, choices, cost, base, sensitivity_points, emit, mode=sensitivity_mode, seed=seed)
             if not resuming or not study.trials:
                 enqueue_warm_start(study, choices, cost, sens)
         penalty = penalty_fn(sens)
