@@ -122,7 +122,7 @@ def cmd_search(args) -> int:
             args.model, args.task, budget=args.budget, space=space, trials=args.trials, out=out, seed=args.seed,
             sampler=args.sampler, finetune=args.finetune, finetune_steps=args.finetune_steps,
             warm_start=not args.no_warm_start, sensitivity_points=args.sensitivity_points, executor=executor, progress=prog,
-            cache_dir=args.cache_dir,
+            cache_dir=args.cache_dir, sensitivity_mode=args.sensitivity,
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -254,6 +254,9 @@ def add_commands(sub) -> None:
     s.add_argument("--cache-dir", metavar="DIR", help="factor cache shared by the workers of a node (default RUN/factor-cache)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--sensitivity", default="estimate", choices=("estimate", "full"),
+                   help="layer sensitivity table: estimate (default: layer output errors from one pass over the calibration "
+                        "batches, calibrated by a few evaluations) or full (every probe evaluated)")
     s.set_defaults(func=cmd_search)
 
     f = sub.add_parser("front", help="show a run's Pareto front and write pareto.png / pareto.html", epilog=FRONT_EXAMPLES,
