@@ -4,7 +4,8 @@
 
     RUN/
       settings.json      what identifies the run (model, task, budget, space, seed, sampler) and its sizes
-      study.db           the Optuna study (SQLite; `optuna-dashboard sqlite:///RUN/study.db`)
+      study.journal      the Optuna study (Optuna's journal format; `optuna-dashboard RUN/study.journal`;
+                         runs made before it keep their SQLite study.db)
       sensitivity.json   per-layer zero-shot scores (warm start and repair)
       trials/000012.json one record per trial: plan, metrics, timings, error, where it ran
       weights/000012.pt  fine-tuned weights of the promising plans (autorank.save format)
@@ -21,8 +22,13 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
 from autorank.errors import AutorankError
 from autorank.fileio import atomic_write_text
+from autorank.search.journal import RunJournal, journal_storage
 
 __all__ = ["RunDir", "RunDirError", "IDENTITY_KEYS"]
 
@@ -46,7 +52,36 @@ class RunDir:
 
     @property
     def storage_url(self) -> str:
+        """The SQLite study of runs made before the journal (``study.db``)."""
         return f"sqlite:///{(self.path / 'study.db').resolve()}"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path / "study.journal"
+
+    def storage(self) -> tuple[Any, Optional[RunJournal]]:
+        """The study's storage and, for the journal, its backend (batches of writes; see :mod:`autorank.search.journal`).
+
+        A run directory that holds a SQLite ``study.db`` and no journal (made by an
+        earlier autorank) keeps its SQLite study, so that it resumes as it was.
+        """
+        if (self.path / "study.db").exists() and not self.journal_path.exists():
+            return self.storage_url, None
+        return journal_storage(self.journal_path)
+
+    def dashboard_command(self) -> str:
+        """How to watch the study in optuna-dashboard."""
+        if (self.path / "study.db").exists() and not self.journal_path.exists():
+            return f"optuna-dashboard {self.storage_url}"
+        return f"optuna-dashboard {self.journal_path}"
+
+    def load_study(self, study_name: str = "autorank") -> optuna.Study:
+        """The run's Optuna study, read as optuna-dashboard reads it (Optuna's own journal file backend)."""
+        if (self.path / "study.db").exists() and not self.journal_path.exists():
+            storage: Any = self.storage_url
+        else:
+            storage = JournalStorage(JournalFileBackend(str(self.journal_path)))
+        return optuna.load_study(study_name=study_name, storage=storage)
 
     def trial_path(self, number: int) -> Path:
         return self.path / "trials" / f"{number:06d}.json"
@@ -157,7 +192,10 @@ class RunDir:
             pass
 
     def write_trial(self, number: int, record: dict[str, Any]) -> None:
-        self.write_json(f"trials/{number:06d}.json", record)
+        """One trial's record, compact JSON (written twice per trial: kept cheap for a driver feeding many workers)."""
+        p = self.trial_path(number)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p, json.dumps(record, separators=(",", ":"), default=_jsonable) + "\n")
 
     def read_trial(self, number: int) -> Optional[dict[str, Any]]:
         return self.read_json(f"trials/{number:06d}.json")
