@@ -24,7 +24,7 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import optuna
 from torch import nn
@@ -193,7 +193,7 @@ def search(
                     sensitivity = Sensitivity.from_dict(json.loads(Path(sensitivity).read_text()))
                 run.write_json("sensitivity.json", sensitivity.to_dict())
             sens = measure_sensitivity(run, executor, choices, cost, base, sensitivity_points, emit, mode=sensitivity_mode, seed=seed)
-            if not resuming or not study.trials:
+            if not resuming or not study.get_trials(deepcopy=False):
                 enqueue_warm_start(study, choices, cost, sens)
         penalty = penalty_fn(sens)
         _run_trials(study, run, executor, choices, space, cost, penalty, trials, emit, t_start, local_every if warm_start else 0,
@@ -396,6 +396,7 @@ def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, p
     best = max(scored, key=lambda t: (t[0], t[1])) if scored else None
     dists = distributions(choices, space)
     since_local = 0
+    local: Optional[tuple[tuple, Iterator[ChoicePlan]]] = None  # (best plan's key, its neighbours not yet looked at)
     driver_s: dict[int, float] = {}
     while finished + len(inflight) < total or inflight:
         n_ask = min(total - finished - len(inflight), conc - len(inflight))
@@ -406,7 +407,9 @@ def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, p
                 for _ in range(n_ask):
                     if local_every and since_local >= local_every and best is not None and not _waiting(study):
                         since_local = 0
-                        for move in local_moves(best[2], choices, cost, penalty):
+                        if local is None or local[0] != _key(best[2]):  # neighbours of a new best plan
+                            local = (_key(best[2]), local_moves(best[2], choices, cost, penalty))
+                        for move in local[1]:  # resumes where the last local move stopped: each neighbour made once
                             if _key(move) not in tried:
                                 study.enqueue_trial(choice_to_params(move), user_attrs={"origin": "local"})
                                 break
