@@ -99,8 +99,11 @@ def agreement(est_table, full_table):
     return out
 
 
-def run_model(name, model, task, *, space, budget, trials, seeds, work):
-    rows = []
+def run_model(name, model, task, *, space, budget, trials, seeds, work, results=None, save=None):
+    rows: list = []
+    entry = {"model": name, "space": space, "budget": budget, "trials": trials, "rows": rows}
+    if results is not None:
+        results.append(entry)
     for i, seed in enumerate(seeds):
         order = ("estimate", "full") if i % 2 == 0 else ("full", "estimate")
         got = {}
@@ -129,10 +132,12 @@ def run_model(name, model, task, *, space, budget, trials, seeds, work):
         if i == 0:
             row["agreement"] = agreement(est["table"], full["table"])
         rows.append(row)
+        if save is not None:
+            save()
         print(f"  {name} seed {seed}: first trial {full['first_trial_s'] / est['first_trial_s']:.1f}x sooner; "
               f"beat baselines at {row['estimate']['time_to_beat_s']} s (estimate) vs {row['full']['time_to_beat_s']} s (full); "
               f"best {row['estimate']['best']:.4f} vs {row['full']['best']:.4f}", flush=True)
-    return {"model": name, "space": space, "budget": budget, "trials": trials, "rows": rows}
+    return entry
 
 
 def _med(xs):
@@ -183,20 +188,28 @@ def main() -> None:
             from autorank.tasks import minilm_task
             from autorank.zoo import load_model
 
-            results.append(run_model("MiniLM-L6 (cosine fidelity)", load_model("minilm"), minilm_task(n_held_out=64, max_length=32),
-                                     space="transformer", budget=0.5, trials=12 if args.quick else 30, seeds=seeds, work=work))
+            run_model("MiniLM-L6 (cosine fidelity)", load_model("minilm"), minilm_task(n_held_out=64, max_length=32),
+                      space="transformer", budget=0.5, trials=12 if args.quick else 30, seeds=seeds, work=work, results=results,
+                      save=lambda: _write(args, results, load_before))
         if "demo" in args.models:
             from autorank.tasks import demo_task
             from autorank.zoo import load_model
 
-            results.append(run_model("digits demo (accuracy)", load_model("demo"), demo_task(), space="cnn", budget=0.3,
-                                     trials=15 if args.quick else 40, seeds=seeds, work=work))
+            run_model("digits demo (accuracy)", load_model("demo"), demo_task(), space="cnn", budget=0.3,
+                      trials=15 if args.quick else 40, seeds=seeds, work=work, results=results,
+                      save=lambda: _write(args, results, load_before))
+    md = _write(args, results, load_before)
+    print(md)
+
+
+def _write(args, results, load_before) -> str:
+    """Results so far (written after each model: a long run keeps what it measured)."""
     meta = {"load_before": load_before, "load_after": os.getloadavg(), "cores": os.cpu_count(), "quick": args.quick}
     RESULTS.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
     md = "\n".join(table_md(r) for r in results) + f"\n\nmachine: {os.cpu_count()} cores, load {meta['load_before']} → {meta['load_after']}\n"
     Path(args.out).with_suffix(".md").write_text(md)
-    print(md)
+    return md
 
 
 if __name__ == "__main__":

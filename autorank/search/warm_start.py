@@ -14,6 +14,7 @@ import math
 import time
 from typing import Any, Callable, Optional
 
+from autorank import methods as registry
 from autorank.cost.cost_model import ChoicePlan, CostModel
 from autorank.errors import SearchError
 from autorank.search.allocate import Sensitivity, best_uniform, describe_plan, greedy_plan, lagrangian_plan, probe_rhos, to_plan
@@ -73,7 +74,7 @@ def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: Cost
                 sens.scores.setdefault(n, {}).setdefault(m, []).append((r, score))
         doc = {"mode": "full"}
     else:
-        _estimate_errors(run, executor, choices, cost, errors, failed_layers, emit, t0, seed)
+        _estimate_errors(run, executor, choices, cost, errors, failed_layers, emit, t0, seed, points)
         t_errors = time.perf_counter() - t0
         probes = calibration_probes({n: errors[n] for n in choices if n in errors})
         # layers whose estimate failed are probed as the full table would
@@ -127,7 +128,7 @@ def _probe(run: RunDir, executor: BaseExecutor, cost: CostModel, jobs: list[tupl
 
 
 def _estimate_errors(run: RunDir, executor: BaseExecutor, choices, cost: CostModel, errors: dict, failed: set, emit: Progress,
-                     t0: float, seed: int) -> None:
+                     t0: float, seed: int, points: int = 4) -> None:
     """One ``estimate`` job per layer (every method, every grid ρ); each layer's errors checkpointed as they come."""
     names = list(choices)
     pending = [n for n in names if n not in errors and n not in failed]
@@ -137,7 +138,11 @@ def _estimate_errors(run: RunDir, executor: BaseExecutor, choices, cost: CostMod
         while pending and inflight < max(1, executor.concurrency):
             name = pending.pop(0)
             ch = choices[name]
-            methods = {m: [[r, _rank_json(cost.concrete_rank(name, m, r))] for r in ch.rhos] for m in ch.methods if m != "none"}
+            # a nested method gives every rank from one factorization: the whole grid; another (CP, BTD, TR)
+            # pays a factorization per rank: the probe ρ of the full table, interpolated between like it
+            methods = {m: [[r, _rank_json(cost.concrete_rank(name, m, r))]
+                           for r in (ch.rhos if registry.get(m).is_nested({}) else probe_rhos(ch.rhos, points))]
+                       for m in ch.methods if m != "none"}
             executor.submit(("estimate", name), "estimate", {"layers": [{"name": name, "methods": methods}], "all_layers": names,
                                                             "seed": seed})
             inflight += 1
