@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -52,6 +53,21 @@ def test_effective_weight_reproduces_every_replacement(case, method):
     else:
         y = y.reshape(1, -1, spec.out_channels)
     assert torch.allclose(pred, y, atol=1e-5 * float(y.abs().max()) + 1e-6)
+
+
+def test_svd_factor_product_is_the_weight_its_layers_apply():
+    """The estimate's shortcut for SVD (left × right factors) equals the weight read off its built layers."""
+    sensitivity = importlib.import_module("autorank.search.sensitivity")
+    m = registry.get("svd")
+    for case in LAYER_CASES:
+        layer, x = case.build()
+        if m.applies(layer) is not None:
+            continue
+        spec = layer_spec(layer)
+        f = m.factorize(layer, None)
+        for r in (1, m.max_rank(spec)):
+            short = sensitivity._replacement_weight(m, spec, layer, f, r)
+            assert torch.allclose(short, effective_weight(spec, m.build(layer, f, r, {})), atol=1e-5), case.id
 
 
 def test_unweighted_svd_error_is_the_whitened_tail_of_singular_values():

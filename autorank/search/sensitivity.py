@@ -14,9 +14,10 @@ over the calibration batches and a handful of evaluations:
    ``v``). The diagonal ``w`` weights a layer's output error by how much of it
    reaches the model's output — the diagonal Fisher-style weighting of FWSVD.
 2. **Errors** (:func:`layer_errors`): for each method and each ρ of the layer's
-   grid, the replacement's effective weight ``W′`` (read off the built
-   replacement: all ranks of a nested method come from one cached
-   factorization) and the propagated output error
+   grid (nested methods: all ranks from one cached factorization; CP, BTD and TR,
+   which pay a factorization per rank: the full table's probe ρ), the
+   replacement's effective weight ``W′`` (read off the built replacement,
+   :func:`effective_weight`) and the propagated output error
    ``e = Σ_o w_o [(W − W′) G (W − W′)ᵀ]_oo / Σ_n ‖y_n‖²``, a relative error of
    the model's output that needs no forward pass of the model.
 3. **Calibration** (:func:`calibration_probes`, :func:`calibrate`): a few real
@@ -232,6 +233,15 @@ def _weighted_energy(dw: torch.Tensor, gram: torch.Tensor, weights: Optional[tor
     return total
 
 
+def _replacement_weight(m, spec: LayerSpec, module: nn.Module, factors, rank) -> torch.Tensor:
+    """The effective weight of ``m`` at ``rank``: for SVD the product of its truncated factors (what
+    :meth:`autorank.methods.svd.SVD._build` puts in its two layers), otherwise read off the built replacement."""
+    t = factors.tensors if factors is not None else {}
+    if m.name == "svd" and "left" in t and "right" in t and isinstance(rank, int):
+        return (t["left"][:, :, :rank].double() @ t["right"][:, :rank, :].double()).cpu()
+    return effective_weight(spec, m.build(module, factors, rank, {}))
+
+
 def layer_errors(
     module: nn.Module,
     method: str,
@@ -263,8 +273,7 @@ def layer_errors(
         try:
             if factors is None or not m.is_nested({}):
                 factors = cache.get(m, module, method_stats if m.data_aware else None, rank, {})
-            repl = m.build(module, factors, rank, {})
-            dw = w - effective_weight(spec, repl)
+            dw = w - _replacement_weight(m, spec, module, factors, rank)
             out.append(_weighted_energy(dw, gram, stats.weights) / denom)
         except Exception as exc:  # a rank the method refuses (memory, convergence): no estimate there
             logger.info("sensitivity estimate: %s at rank %s: %s", method, rank, exc)
