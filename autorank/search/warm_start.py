@@ -9,6 +9,7 @@ allocation, enqueued with the uniform-ρ plan of each method.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -166,8 +167,13 @@ def _rank_json(rank: Any) -> Any:
     return list(rank) if isinstance(rank, tuple) else rank
 
 
+#: fractions of the budget at which the Lagrangian allocation is also enqueued (points of the front below the budget)
+FRONT_FRACTIONS = (0.9, 0.8)
+
+
 def warm_start_plans(choices, cost: CostModel, sens: Optional[Sensitivity]) -> list[tuple[str, ChoicePlan]]:
-    """The baseline plans enqueued first: uniform ρ per method, greedy (AIMET), Lagrangian."""
+    """The baseline plans enqueued first: uniform ρ per method, greedy (AIMET), Lagrangian at the budget and
+    at :data:`FRONT_FRACTIONS` of it."""
     plans: list[tuple[str, ChoicePlan]] = []
     methods = sorted({m for ch in choices.values() for m in ch.methods if m != "none"})
     for m in methods:
@@ -181,6 +187,13 @@ def warm_start_plans(choices, cost: CostModel, sens: Optional[Sensitivity]) -> l
         lg = lagrangian_plan(choices, cost, sens)
         if lg is not None:
             plans.append(("lagrangian", lg))
+        # the front needs points below the budget too: the same allocation for tighter budgets
+        for frac in FRONT_FRACTIONS:
+            tight = copy.copy(cost)
+            tight.limits = {m: v * frac for m, v in cost.limits.items()}
+            lt = lagrangian_plan(choices, tight, sens)
+            if lt is not None:
+                plans.append((f"lagrangian@{frac:.0%}", lt))
     seen, out = set(), []
     for origin, cp in plans:
         key = tuple(sorted(cp.items()))
