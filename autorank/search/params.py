@@ -177,7 +177,7 @@ class StaticTPESampler(optuna.samplers.TPESampler):
 
     Same model (Bergstra et al., NeurIPS 2011; Watanabe 2023; the constant liar for
     parallel asks), three changes measured on a 108-parameter space at 2 000 trials
-    (``benchmarks/bench_driver.py``), where Optuna's ask took about 0.5 s:
+    (``benchmarks/bench_driver.py``), where Optuna's ask took about 0.5 s in memory:
 
     - the relative search space is ``space``, not recomputed as the intersection of
       every trial's parameters at each ask (about half of that time);
@@ -196,7 +196,7 @@ class StaticTPESampler(optuna.samplers.TPESampler):
     Parzen Estimator: Understanding Its Algorithm Components. arXiv 2304.11127, 2023.
     """
 
-    def __init__(self, space: dict[str, BaseDistribution], *, max_above: int = 256, refit_fraction: float = 0.02, **kwargs: Any):
+    def __init__(self, space: dict[str, BaseDistribution], *, max_above: int = 128, refit_fraction: float = 0.02, **kwargs: Any):
         super().__init__(**kwargs)
         self._static = {k: v for k, v in space.items() if not v.single()}
         self._max_above = int(max_above)
@@ -207,17 +207,18 @@ class StaticTPESampler(optuna.samplers.TPESampler):
     def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
         return dict(self._static)
 
-    def sample_params(self, study) -> dict[str, Any]:
+    def sample_params(self, study, n_complete: Optional[int] = None) -> dict[str, Any]:
         """Every parameter of a new trial at once (random during the startup trials), for a trial created
         with all of them in one storage operation (:func:`autorank.search.study` does) instead of one per parameter."""
         dummy = optuna.trial.FrozenTrial(
             number=-1, state=TrialState.RUNNING, value=None, datetime_start=None, datetime_complete=None, params={},
             distributions={}, user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=-1,
         )
-        done = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED), use_cache=False)
-        if len(done) < self._n_startup_trials:
+        if n_complete is None:  # the caller may know it (the search counts its results): saves a pass over all trials
+            n_complete = len(study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED), use_cache=False))
+        if n_complete < self._n_startup_trials:
             return {k: self._random_sampler.sample_independent(study, dummy, k, d) for k, d in self._static.items()}
-        return self._sample(study, dummy, self._static)
+        return self._sample(study, dummy, self._static, n_done=n_complete)
 
     def _get_internal_repr(self, trials, search_space, study) -> dict[str, np.ndarray]:
         values: dict[str, list[float]] = {k: [] for k in search_space}
@@ -234,9 +235,10 @@ class StaticTPESampler(optuna.samplers.TPESampler):
                 values[k].append(hit[k])
         return {k: np.asarray(v) for k, v in values.items()}
 
-    def _sample(self, study, trial, search_space) -> dict[str, Any]:
+    def _sample(self, study, trial, search_space, n_done: Optional[int] = None) -> dict[str, Any]:
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
-        n_done = len(study._get_trials(deepcopy=False, states=finished, use_cache=False))
+        if n_done is None:
+            n_done = len(study._get_trials(deepcopy=False, states=finished, use_cache=False))
         key = tuple(search_space)
         fit = self._fit
         if fit is None or fit.key != key or n_done - fit.n_finished >= max(1, int(self._refit_fraction * n_done)):

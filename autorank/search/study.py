@@ -270,10 +270,6 @@ def _key(cp: ChoicePlan) -> tuple:
     return tuple(sorted((n, m, round(float(r), 6)) for n, (m, r) in cp.items()))
 
 
-def _waiting(study) -> bool:
-    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-
-
 class _Front:
     """The zero-shot front of feasible results, kept as they come (a point is added in O(front size))."""
 
@@ -291,30 +287,36 @@ class _Front:
         return {"front_size": len(self.points), "best_score": self.best}
 
 
-def _ask(study, run: RunDir, choices, space, cost: CostModel, penalty, tried: set,
-         dists: Optional[dict] = None) -> tuple[optuna.Trial, dict, Any]:
+def _ask(study, run: RunDir, choices, space, cost: CostModel, penalty, tried: set, dists: Optional[dict] = None,
+         given: Optional[ChoicePlan] = None, n_complete: Optional[int] = None) -> tuple[optuna.Trial, dict, Any]:
     """One trial: ask, repair to the budget, the attributes the study keeps; returns (trial, record, plan).
 
-    A sampler trial of :class:`~autorank.search.params.StaticTPESampler` (``dists``: the
-    study's parameters) is created with its parameters and attributes in one storage
-    operation instead of one per parameter (108 on a ResNet-50-sized space); a queued
-    trial (warm start, local move) goes through ``study.ask()``.
+    With ``dists`` (the study's parameters; :class:`~autorank.search.params.StaticTPESampler`
+    and no queued trial), the trial is created with its parameters and attributes in
+    one storage operation instead of one per parameter (108 on a ResNet-50-sized
+    space): the sampler's proposal, or ``given`` (a local move). Otherwise it goes
+    through ``study.ask()`` (queued warm-start plans; other samplers).
     """
-    fast = dists is not None and isinstance(study.sampler, StaticTPESampler) and not _waiting(study)
+    fast = dists is not None
+    origin = "sampler"
     if fast:
-        params = study.sampler.sample_params(study)
+        if given is not None:
+            params, origin = choice_to_params(given), "local"
+        else:
+            params = study.sampler.sample_params(study, n_complete)
         params.update({k: d.to_external_repr(d.to_internal_repr(_single(d))) for k, d in dists.items() if k not in params})
-        cp = params_choice(params, choices)
+        cp = dict(given) if given is not None else params_choice(params, choices)
         trial = None
     else:
         trial = study.ask()
+        origin = trial.user_attrs.get("origin", "sampler")
         cp = suggest(trial, choices, space)
     fixed, fits = repair(cp, choices, cost, penalty)
     costs = cost.costs(fixed)
     plan = to_plan(fixed, cost)
     tried.add(_key(fixed))
     attrs = {"plan": plan.to_dict()["layers"], "repaired": fixed != cp, "summary": describe_plan(fixed),
-             **{f"{m}_ratio": v for m, v in cost.ratios(costs).items()}}
+             **{f"{m}_ratio": v for m, v in cost.ratios(costs).items()}, **({"origin": origin} if fast and given is not None else {})}
     if fast:
         template = optuna.trial.FrozenTrial(
             number=-1, state=optuna.trial.TrialState.RUNNING, value=None, datetime_start=datetime.now(), datetime_complete=None,
@@ -324,7 +326,7 @@ def _ask(study, run: RunDir, choices, space, cost: CostModel, penalty, tried: se
         trial = optuna.trial.Trial(study, study._storage.create_new_trial(study._study_id, template_trial=template))
     record = {
         "number": trial.number,
-        "origin": "sampler" if fast else trial.user_attrs.get("origin", "sampler"),
+        "origin": origin,
         "sampled": {n: list(c) for n, c in cp.items()},
         "repaired": fixed != cp,
         "choice": {n: list(c) for n, c in fixed.items()},
@@ -337,7 +339,8 @@ def _ask(study, run: RunDir, choices, space, cost: CostModel, penalty, tried: se
     }
     if not fast:
         for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+            if k != "origin":
+                trial.set_user_attr(k, v)
         trial.set_constraint("budget", cost.violation(costs))
     return trial, record, plan
 
@@ -395,6 +398,8 @@ def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, p
             front.add(r["score"], cost.objective(r["costs"]))
     best = max(scored, key=lambda t: (t[0], t[1])) if scored else None
     dists = distributions(choices, space)
+    static = isinstance(study.sampler, StaticTPESampler)
+    waiting = len(study.get_trials(deepcopy=False, states=(S.WAITING,)))  # queued plans: only this driver queues them
     since_local = 0
     local: Optional[tuple[tuple, Iterator[ChoicePlan]]] = None  # (best plan's key, its neighbours not yet looked at)
     driver_s: dict[int, float] = {}
@@ -405,15 +410,24 @@ def _run_trials(study, run: RunDir, executor, choices, space, cost: CostModel, p
             asked = []
             with batch():
                 for _ in range(n_ask):
-                    if local_every and since_local >= local_every and best is not None and not _waiting(study):
+                    move = None
+                    if local_every and since_local >= local_every and best is not None and not waiting:
                         since_local = 0
                         if local is None or local[0] != _key(best[2]):  # neighbours of a new best plan
                             local = (_key(best[2]), local_moves(best[2], choices, cost, penalty))
-                        for move in local[1]:  # resumes where the last local move stopped: each neighbour made once
-                            if _key(move) not in tried:
-                                study.enqueue_trial(choice_to_params(move), user_attrs={"origin": "local"})
+                        for mv in local[1]:  # resumes where the last local move stopped: each neighbour made once
+                            if _key(mv) not in tried:
+                                move = mv
                                 break
-                    trial, record, plan = _ask(study, run, choices, space, cost, penalty, tried, dists)
+                    fast = static and not waiting
+                    if move is not None and not fast:  # through the study's queue, like the warm start
+                        study.enqueue_trial(choice_to_params(move), user_attrs={"origin": "local"})
+                        waiting += 1
+                        move = None
+                    trial, record, plan = _ask(study, run, choices, space, cost, penalty, tried, dists if fast else None,
+                                               given=move, n_complete=finished - failed)
+                    if not fast:
+                        waiting = max(0, waiting - 1)
                     if record["origin"] == "sampler":
                         since_local += 1
                     asked.append((trial, record, plan))
