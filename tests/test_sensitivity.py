@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,22 @@ def test_model_without_differentiable_output_falls_back_to_unweighted_errors():
 
     st = collect_statistics(ArgMax(), [torch.randn(10, 4)], ["fc"], weighting=True)
     assert st["fc"].weights is None and st["fc"].gram.shape == (1, 4, 4)
+
+
+def test_the_command_line_chooses_the_table(tmp_path, capsys, monkeypatch):
+    """`autorank search --sensitivity full` measures every probe; the default estimates; a bad value is refused."""
+    from tests.test_cli_search import run_inproc
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    common = ("search", "--model", "tests.search_toys:toy_cnn", "--task", "tests.search_toys:toy_task", "--budget", "30%flops",
+              "--trials", "3", "--finetune", "0", "--sensitivity-points", "2", "-q")
+    for mode in ("full", None):
+        out = tmp_path / (mode or "default")
+        args = common + ("--out", str(out)) + (("--sensitivity", mode) if mode else ())
+        p = run_inproc(*args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+        assert p.returncode == 0, p.stderr[-2000:]
+        table = json.loads((out / "sensitivity.json").read_text())
+        assert table["mode"] == (mode or "estimate")
+        assert json.loads((out / "settings.json").read_text())["sensitivity"] == (mode or "estimate")
+    bad = run_inproc(*common, "--out", str(tmp_path / "bad"), "--sensitivity", "exact", cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert bad.returncode == 2 and "invalid choice: 'exact'" in bad.stderr
