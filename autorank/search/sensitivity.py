@@ -225,10 +225,10 @@ def _weighted_energy(dw: torch.Tensor, gram: torch.Tensor, weights: Optional[tor
     total = 0.0
     g_, og, _ = dw.shape
     for gi in range(g_):
-        d = dw[gi].float()
+        d = dw[gi].to(gram.device).float()  # the Gram stays where calibration made it (the task's device)
         rowsq = ((d @ gram[gi].float()) * d).sum(1).double()
         if weights is not None:
-            rowsq = rowsq * weights[gi * og:(gi + 1) * og].double()
+            rowsq = rowsq * weights[gi * og:(gi + 1) * og].to(rowsq.device).double()
         total += float(rowsq.clamp_min(0).sum())
     return total
 
