@@ -15,6 +15,7 @@ from rich.table import Table
 from autorank.cli.common import CLIError, get_console, pct
 from autorank.search.executor import RayExecutor
 from autorank.search.result import SearchResult
+from autorank.search.rundir import RunDir
 from autorank.search.space import SearchSpace
 from autorank.search.study import search
 
@@ -131,6 +132,7 @@ def cmd_search(args) -> int:
     console.print(f"\n{len(result.trials)} trials in {time.perf_counter() - t0:.0f} s; "
                   f"wasted on infeasible or failed plans: {result.wasted_fraction:.0%}")
     console.print(f"run directory: {result.run_dir}\nplot: {result.run_dir / 'pareto.png'} and {result.run_dir / 'pareto.html'}")
+    console.print(f"study: {RunDir(result.run_dir).dashboard_command()}")
     if result.front:
         console.print(f"export one: autorank export {result.run_dir} --pick best -o model.pt")
     return 0
