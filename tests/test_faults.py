@@ -27,7 +27,7 @@ from autorank.fileio import DiskFullError, atomic_torch_save, atomic_write_text
 from autorank.methods import get as get_method
 from autorank.search import SearchSpace, SpaceError, search
 from autorank.search import rundir as rundir_mod
-from autorank.search.rundir import RunDirLockedError, RunLock
+from autorank.search.rundir import RunDir, RunDirLockedError, RunLock
 from tests.search_toys import toy_cnn, toy_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -430,7 +430,7 @@ def test_a_plan_already_scored_is_not_run_again(tmp_path):
     assert len({json.dumps(r["choice"], sort_keys=True) for r in tuned}) == len(tuned)  # fine-tuned once per plan
     assert len({m.trial for m in res.front}) == len(res.front)
     assert all(by_number[m.trial].get("duplicate_of") is None for m in res.front)
-    st_ = optuna.load_study(study_name="autorank", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    st_ = RunDir(tmp_path / "run").load_study()
     told = [t for t in st_.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(told) == 10 and sum("duplicate_of" in t.user_attrs for t in told) == len(repeats)
 

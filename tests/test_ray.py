@@ -26,6 +26,7 @@ ray = pytest.importorskip("ray")
 
 from autorank.search import search  # noqa: E402
 from autorank.search.executor import RayExecutor  # noqa: E402
+from autorank.search.rundir import RunDir  # noqa: E402
 from tests.search_toys import toy_cnn, toy_task  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -164,7 +165,7 @@ class TestLocalWorkers:
         assert all(r["state"] == "COMPLETE" for r in others)
         assert any(r["where"]["pid"] not in (pid1, pid2, retried["where"]["pid"]) for r in others)  # a fresh worker
         # every finished trial is in the study, with the state its record has
-        st_ = optuna.load_study(study_name="autorank", storage=f"sqlite:///{out / 'study.db'}")
+        st_ = RunDir(out).load_study()
         S = optuna.trial.TrialState
         assert len(st_.trials) == 5
         for t in st_.trials:
@@ -278,7 +279,7 @@ def test_driver_killed_midway_resumes_on_ray_with_no_finished_trial_lost_or_repe
     before = {n: r for n, r in _records(out).items() if r.get("state") == "COMPLETE"}
     assert 3 <= len(before) < 7
     assert all(r["where"]["pid"] != proc.pid for r in before.values())  # they ran on a Ray worker
-    st_ = optuna.load_study(study_name="autorank", storage=f"sqlite:///{out / 'study.db'}")
+    st_ = RunDir(out).load_study()
     assert sum(t.state == optuna.trial.TrialState.RUNNING for t in st_.trials) == 1
 
     # the same search again, here, on a fresh local Ray instance the executor starts and stops
@@ -291,7 +292,7 @@ def test_driver_killed_midway_resumes_on_ray_with_no_finished_trial_lost_or_repe
     for n, r in before.items():  # every trial finished before the kill is kept, unchanged
         again = _records(out)[n]
         assert again["time_total_s"] == r["time_total_s"] and again["where"] == r["where"]
-    st_ = optuna.load_study(study_name="autorank", storage=f"sqlite:///{out / 'study.db'}")
+    st_ = RunDir(out).load_study()
     S = optuna.trial.TrialState
     finished = [t for t in st_.trials if t.state in (S.COMPLETE, S.FAIL) and not t.user_attrs.get("interrupted")]
     assert len(finished) == 7

@@ -22,6 +22,7 @@ from autorank.cost import count_flops, count_params, parse_budget, profile_model
 from autorank.cost.budget import BudgetError
 from autorank.errors import AutorankError, NotApplicableError
 from autorank.search import RunDirError, SearchResult, SearchSpace, SpaceError, search
+from autorank.search.rundir import RunDir
 from autorank.cost.cost_model import CostModel
 from autorank.search.allocate import Sensitivity, greedy_plan, lagrangian_plan, repair, to_plan
 from autorank.search.space import builtin_spaces
@@ -216,10 +217,10 @@ def test_search_front_meets_the_budget_on_the_built_models(tmp_path):
     assert res.wasted_fraction == 0.0
     # the run directory holds what it promises
     run = Path(res.run_dir)
-    for f in ("settings.json", "study.db", "front.json", "sensitivity.json", "baseline.json"):
+    for f in ("settings.json", "study.journal", "front.json", "sensitivity.json", "baseline.json"):
         assert (run / f).exists(), f
     assert len(list((run / "trials").glob("*.json"))) == 10
-    st_ = optuna.load_study(study_name="autorank", storage=f"sqlite:///{run / 'study.db'}")
+    st_ = RunDir(run).load_study()  # as optuna-dashboard reads the journal
     assert len(st_.trials) == 10 and st_.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     assert all(t.system_attrs for t in st_.trials)  # the budget constraint is set on each trial
 
@@ -335,7 +336,7 @@ def test_driver_killed_midway_resumes_with_no_finished_trial_lost_or_repeated(tm
     proc.wait(timeout=30)
     before = {n: r for n, r in records().items() if r.get("state") == "COMPLETE"}
     assert 4 <= len(before) < 12
-    st_ = optuna.load_study(study_name="autorank", storage=f"sqlite:///{out / 'study.db'}")
+    st_ = RunDir(out).load_study()
     assert any(t.state == optuna.trial.TrialState.RUNNING for t in st_.trials)  # killed mid-trial
     # run the same search again, in this process
     res = search(toy_cnn(), toy_task(), budget="30%flops", trials=12, finetune=0, out=out, warm_start=False, **FAST)
@@ -343,7 +344,7 @@ def test_driver_killed_midway_resumes_with_no_finished_trial_lost_or_repeated(tm
     assert len(done) == 12
     for n, r in before.items():  # every trial finished before the kill is kept, unchanged
         assert res.trials[[x["number"] for x in res.trials].index(n)]["time_total_s"] == r["time_total_s"]
-    st_ = optuna.load_study(study_name="autorank", storage=f"sqlite:///{out / 'study.db'}")
+    st_ = RunDir(out).load_study()
     finished = [t for t in st_.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
                 and not t.user_attrs.get("interrupted")]
     assert len(finished) == 12

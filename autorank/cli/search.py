@@ -159,7 +159,7 @@ def cmd_search(args) -> int:
             args.model, args.task, budget=args.budget, space=space, trials=args.trials, out=out, seed=args.seed,
             sampler=args.sampler, finetune=args.finetune, finetune_steps=args.finetune_steps,
             warm_start=not args.no_warm_start, sensitivity_points=args.sensitivity_points, executor=executor, progress=prog,
-            cache_dir=args.cache_dir,
+            cache_dir=args.cache_dir, sensitivity_mode=args.sensitivity,
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -169,6 +169,7 @@ def cmd_search(args) -> int:
                   f"wasted on infeasible or failed plans: {result.wasted_fraction:.0%}")
     console.print(f"run directory: {result.run_dir}")
     _print_plots(result.files, console)
+    console.print(f"study: {RunDir(result.run_dir).dashboard_command()}")
     if result.front:
         console.print(f"export one: autorank export {result.run_dir} --pick best -o model.pt")
     return 0
@@ -331,6 +332,9 @@ def add_commands(sub) -> None:
     s.add_argument("--seq-len", type=int, metavar="N", help="with --task perplexity:FILE: tokens per window (default 128)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--sensitivity", default="estimate", choices=("estimate", "full"),
+                   help="layer sensitivity table: estimate (default: layer output errors from one pass over the calibration "
+                        "batches, calibrated by a few evaluations) or full (every probe evaluated)")
     s.set_defaults(func=cmd_search)
 
     f = sub.add_parser("front", help="show a run's Pareto front and write pareto.png / pareto.html", epilog=FRONT_EXAMPLES,

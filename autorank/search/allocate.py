@@ -13,10 +13,11 @@ Costs come from :class:`autorank.cost.cost_model.CostModel`.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from autorank import methods as registry
 from autorank.cost.cost_model import ChoicePlan, CostModel
@@ -53,8 +54,17 @@ class Sensitivity:
 
     base: float
     scores: dict[str, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def drop(self, name: str, choice: tuple[str, float]) -> float:
+        """The interpolated score drop of ``choice`` for layer ``name`` (memoised: repair asks it millions of times)."""
+        key = (name, choice)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = self._drop(name, choice)
+        return hit
+
+    def _drop(self, name: str, choice: tuple[str, float]) -> float:
         method, rho = choice
         if method == "none":
             return 0.0
@@ -108,6 +118,8 @@ def repair(
     decomposing a dense layer at its largest ρ with any of its methods. Stops when the plan fits
     or no move reduces the excess (then ``fits`` is False).
     """
+    if len(cost.limits) == 1:
+        return _repair_one_limit(cp, choices, cost, penalty, frozen)
     cur = dict(cp)
     costs = cost.costs(cur)
     viol = cost.violation(costs)
@@ -146,17 +158,73 @@ def repair(
     return cur, True
 
 
+def _moves(name: str, ch: LayerChoice, current: tuple[str, float]) -> list[tuple[str, float]]:
+    """The repair's moves for one layer, in the order the full scan tries them."""
+    method, rho = current
+    if method == "none":
+        return [(m, ch.rhos[-1]) for m in ch.methods if m != "none"]
+    i = _index(ch.rhos, rho)
+    moves = [(method, ch.rhos[i - 1])] if i > 0 else []
+    return moves + [(m, ch.rhos[i] if i > 0 else ch.rhos[0]) for m in ch.methods if m not in ("none", method)]
+
+
+def _repair_one_limit(cp: ChoicePlan, choices: dict[str, LayerChoice], cost: CostModel,
+                      penalty: Callable[[str, tuple[str, float]], float], frozen: frozenset) -> tuple[ChoicePlan, bool]:
+    """:func:`repair` for a budget with one limit, with a heap instead of a scan per step.
+
+    With one limit, a move's gain (its change of the relative excess) does not
+    depend on the other layers, so its ratio changes only when its own layer
+    moves: each step pops the best move and re-ranks that layer's moves alone —
+    the same sequence of moves as the scan (ties broken by layer order, then move
+    order), in O(log n) per step instead of O(layers × moves).
+    """
+    (metric, lim), = cost.limits.items()
+    scale = 1.0 / lim if lim > 0 else 1.0
+    cur = dict(cp)
+    costs = cost.costs(cur)
+    viol = cost.violation(costs)
+    order = {n: i for i, n in enumerate(choices)}
+    version = {n: 0 for n in choices}
+    heap: list = []
+
+    def push(name: str) -> None:
+        old_d = cost.layer_delta(name, cur[name])[metric]
+        old_p = penalty(name, cur[name])
+        for j, mv in enumerate(_moves(name, choices[name], cur[name])):
+            gain = (old_d - cost.layer_delta(name, mv)[metric]) * scale
+            if gain <= 1e-15:
+                continue
+            heapq.heappush(heap, (max(penalty(name, mv) - old_p, 0.0) / gain, order[name], j, version[name], name, mv))
+
+    for name in choices:
+        if name not in frozen:
+            push(name)
+    while viol > 1e-12:
+        while heap and heap[0][3] != version[heap[0][4]]:
+            heapq.heappop(heap)
+        if not heap:
+            return cur, False
+        _, _, _, _, name, mv = heapq.heappop(heap)
+        old_d, new_d = cost.layer_delta(name, cur[name]), cost.layer_delta(name, mv)
+        costs = {m: costs[m] - old_d[m] + new_d[m] for m in costs}
+        viol = cost.violation(costs)
+        cur[name] = mv
+        version[name] += 1
+        push(name)
+    return cur, True
+
+
 def local_moves(
     best: ChoicePlan,
     choices: dict[str, LayerChoice],
     cost: CostModel,
     penalty: Callable[[str, tuple[str, float]], float],
-) -> list[ChoicePlan]:
+) -> Iterator[ChoicePlan]:
     """Neighbours of a good plan, most promising first: one layer gets one more ρ step (or stays
     dense, or switches method at the same ρ), the others pay for it where it hurts least
-    (:func:`repair` with that layer frozen), and budget left over is spent (:func:`fill`)."""
+    (:func:`repair` with that layer frozen), and budget left over is spent (:func:`fill`).
+    Made one at a time, as they are asked for (the search takes the first one not tried yet)."""
     options = {n: _options(ch) for n, ch in choices.items()}
-    out: list[ChoicePlan] = []
     for name in sorted(best, key=lambda n: -penalty(n, best[n])):
         method, rho = best[name]
         if method == "none":
@@ -170,8 +238,7 @@ def local_moves(
             cand[name] = up
             fixed, fits = repair(cand, choices, cost, penalty, frozen=frozenset({name}))
             if fits:
-                out.append(fill(fixed, options, cost, penalty))
-    return out
+                yield fill(fixed, options, cost, penalty)
 
 
 def cheapest_plan(choices: dict[str, LayerChoice], cost: CostModel) -> ChoicePlan:
@@ -276,6 +343,8 @@ def fill(cp: ChoicePlan, options: dict[str, list[tuple[str, float]]], cost: Cost
          penalty: Callable[[str, tuple[str, float]], float]) -> ChoicePlan:
     """Spend the budget a plan leaves unused: repeatedly take the change that removes the most
     penalty per unit of added cost and still fits (closes the Lagrangian relaxation's duality gap)."""
+    if len(cost.limits) == 1:
+        return _fill_one_limit(cp, options, cost, penalty)
     cur = dict(cp)
     metric = cost.objective_metric
     costs = cost.costs(cur)
@@ -300,6 +369,53 @@ def fill(cp: ChoicePlan, options: dict[str, list[tuple[str, float]]], cost: Cost
             return cur
         _, name, o, costs = best
         cur[name] = o
+
+
+def _fill_one_limit(cp: ChoicePlan, options: dict[str, list[tuple[str, float]]], cost: CostModel,
+                    penalty: Callable[[str, tuple[str, float]], float]) -> ChoicePlan:
+    """:func:`fill` for a budget with one limit, with a heap: a change's ratio depends only on its own
+    layer; a change that does not fit waits until a change frees room. The same sequence of
+    changes as the scan, each step O(log n) instead of O(layers × options)."""
+    cur = dict(cp)
+    metric = cost.objective_metric
+    costs = cost.costs(cur)
+    order = {n: i for i, n in enumerate(options)}
+    version = {n: 0 for n in options}
+    heap: list = []
+
+    def push(name: str) -> None:
+        old_p = penalty(name, cur[name])
+        old_d = cost.layer_delta(name, cur[name])
+        for j, o in enumerate(options[name]):
+            gain = old_p - penalty(name, o)
+            if gain <= 1e-15:
+                continue
+            extra = max(cost.layer_delta(name, o)[metric] - old_d[metric], 0.0) / cost.original[metric]
+            heapq.heappush(heap, (-gain / (extra + 1e-12), order[name], j, version[name], name, o))
+
+    for name in options:
+        push(name)
+    parked: list = []  # changes that did not fit: they may once a change frees room
+    while heap:
+        item = heapq.heappop(heap)
+        _, _, _, ver, name, o = item
+        if ver != version[name]:
+            continue
+        old_d, new_d = cost.layer_delta(name, cur[name]), cost.layer_delta(name, o)
+        trial = {m: costs[m] - old_d[m] + new_d[m] for m in costs}
+        if not cost.fits(trial):
+            parked.append(item)
+            continue
+        freed = any(trial[m] < costs[m] for m in cost.limits)
+        costs = trial
+        cur[name] = o
+        version[name] += 1
+        push(name)
+        if freed:
+            for it in parked:
+                heapq.heappush(heap, it)
+            parked = []
+    return cur
 
 
 def to_plan(cp: ChoicePlan, cost: CostModel, meta: Optional[dict] = None) -> Plan:

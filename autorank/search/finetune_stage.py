@@ -56,11 +56,11 @@ def finetune_stage(study, run: RunDir, executor: BaseExecutor, k: int, steps: in
     """Fine-tune up to ``k`` promising plans (all at once: several workers run them in parallel)."""
     if k <= 0 or steps <= 0:
         return []
-    picks = promising(study, k)
+    picks = _picks(study, run, k, steps)
     todo = []
     for t in picks:
         rec = run.read_trial(t.number) or {}
-        if rec.get("finetune", {}).get("score") is not None:
+        if rec.get("finetune") is not None:  # finished (scored or failed) before an interruption: not redone
             continue
         todo.append((t, rec))
     done_n = len(picks) - len(todo)
@@ -88,6 +88,21 @@ def finetune_stage(study, run: RunDir, executor: BaseExecutor, k: int, steps: in
         if pending and not executor.has_results():
             time.sleep(0.01)
     emit({"phase": "finetune", "done": done_n, "total": len(picks), "elapsed_s": time.perf_counter() - t_start})
+    return picks
+
+
+#: the fine-tuning stage's checkpoint: which trials it fine-tunes (each result lands in its trial record as it comes)
+FINETUNE_PLAN = "finetune.json"
+
+
+def _picks(study, run: RunDir, k: int, steps: int) -> list:
+    """The trials to fine-tune, chosen once and kept in ``finetune.json``: a resumed stage finishes the same set."""
+    saved = run.read_json(FINETUNE_PLAN)
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if saved and saved.get("k") == k and saved.get("steps") == steps and all(n in by_number for n in saved.get("trials", [])):
+        return [by_number[n] for n in saved["trials"]]
+    picks = promising(study, k)
+    run.write_json(FINETUNE_PLAN, {"k": k, "steps": steps, "trials": [t.number for t in picks]})
     return picks
 
 

@@ -5,7 +5,8 @@
     RUN/
       .lock              while a search runs: its PID, host and start time (see RunLock)
       settings.json      what identifies the run (model, task, budget, space, seed, sampler) and its sizes
-      study.db           the Optuna study (SQLite; `optuna-dashboard sqlite:///RUN/study.db`)
+      study.journal      the Optuna study (Optuna's journal format; `optuna-dashboard RUN/study.journal`;
+                         runs made before it keep their SQLite study.db)
       baseline.json      the original model's score
       sensitivity.json   per-layer zero-shot scores (warm start and repair)
       trials/000012.json one record per trial: plan, metrics, timings, error, where it ran
@@ -37,9 +38,14 @@ import time
 from pathlib import Path
 from typing import Any, Collection, Optional, Union
 
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
 from autorank import methods as registry
 from autorank.errors import AutorankError, UnknownMethodError
 from autorank.fileio import atomic_write_text
+from autorank.search.journal import RunJournal, journal_storage
 
 try:  # POSIX advisory locks; elsewhere the lock file's PID and host are all there is
     import fcntl
@@ -215,7 +221,36 @@ class RunDir:
 
     @property
     def storage_url(self) -> str:
+        """The SQLite study of runs made before the journal (``study.db``)."""
         return f"sqlite:///{(self.path / 'study.db').resolve()}"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path / "study.journal"
+
+    def storage(self) -> tuple[Any, Optional[RunJournal]]:
+        """The study's storage and, for the journal, its backend (batches of writes; see :mod:`autorank.search.journal`).
+
+        A run directory that holds a SQLite ``study.db`` and no journal (made by an
+        earlier autorank) keeps its SQLite study, so that it resumes as it was.
+        """
+        if (self.path / "study.db").exists() and not self.journal_path.exists():
+            return self.storage_url, None
+        return journal_storage(self.journal_path)
+
+    def dashboard_command(self) -> str:
+        """How to watch the study in optuna-dashboard."""
+        if (self.path / "study.db").exists() and not self.journal_path.exists():
+            return f"optuna-dashboard {self.storage_url}"
+        return f"optuna-dashboard {self.journal_path}"
+
+    def load_study(self, study_name: str = "autorank") -> optuna.Study:
+        """The run's Optuna study, read as optuna-dashboard reads it (Optuna's own journal file backend)."""
+        if (self.path / "study.db").exists() and not self.journal_path.exists():
+            storage: Any = self.storage_url
+        else:
+            storage = JournalStorage(JournalFileBackend(str(self.journal_path)))
+        return optuna.load_study(study_name=study_name, storage=storage)
 
     def trial_path(self, number: int) -> Path:
         return self.path / "trials" / f"{number:06d}.json"
@@ -320,8 +355,51 @@ class RunDir:
         except (OSError, ValueError, RecursionError) as exc:
             raise RunDirError(f"{p} cannot be read as JSON ({_first_line(exc)}); remove it or use another --out") from None
 
+    # ------------------------------------------------------------------ checkpoints of the phases
+    def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Append one record to ``name`` (JSON lines), flushed: a phase's checkpoint as it goes.
+
+        A driver killed mid-write leaves at most a torn last line, which
+        :meth:`read_jsonl` skips.
+        """
+        p = self.path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, sort_keys=True, default=_jsonable) + "\n"
+        with open(p, "ab") as f:
+            if f.tell() > 0:  # a torn last line (killed mid-write) must not swallow this record
+                with open(p, "rb") as r:
+                    r.seek(-1, 2)
+                    if r.read(1) != b"\n":
+                        line = "\n" + line
+            f.write(line.encode("utf-8"))
+            f.flush()
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        """The complete records of a JSON-lines checkpoint (a torn or foreign line is skipped)."""
+        p = self.path / name
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+    def remove(self, name: str) -> None:
+        try:
+            (self.path / name).unlink()
+        except FileNotFoundError:
+            pass
+
     def write_trial(self, number: int, record: dict[str, Any]) -> None:
-        self.write_json(f"trials/{number:06d}.json", record)
+        """One trial's record, compact JSON (written twice per trial: kept cheap for a driver feeding many workers)."""
+        p = self.trial_path(number)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p, json.dumps(record, separators=(",", ":"), default=_jsonable) + "\n")
 
     def read_trial(self, number: int) -> Optional[dict[str, Any]]:
         rec = self.read_json(f"trials/{number:06d}.json")

@@ -25,6 +25,7 @@ from autorank.calibration import Calibration, collect
 from autorank.errors import AutorankError
 from autorank.plan import Plan
 from autorank.saving import save
+from autorank.search.sensitivity import collect_statistics, layer_errors
 from autorank.surgery import decompose
 from autorank.factor_layers import model_bytes
 from autorank.training.stage import apply_training, deployed_zero_shot
@@ -98,6 +99,7 @@ class TrialRunner:
         self.cache = FactorCache(directory=cache_dir, max_bytes=int(os.environ.get("AUTORANK_CACHE_MAX_BYTES", 2 << 30)))
         self.setup_s = time.perf_counter() - t0
         self.trials_run = 0
+        self._estimate_stats: Optional[dict] = None  # the sensitivity estimate's statistics, built on first use
 
     # ------------------------------------------------------------------ building
     def build(self, plan: Plan, *, share: bool = True) -> nn.Module:
@@ -118,9 +120,12 @@ class TrialRunner:
 
     # ------------------------------------------------------------------ jobs
     def run(self, kind: str, payload: dict) -> dict[str, Any]:
-        """Run one job by name: ``zero_shot``, ``finetune`` or ``save`` (the executors' single entry point)."""
+        """Run one job by name: ``zero_shot``, ``finetune``, ``save`` or ``estimate`` (the executors' single entry point)."""
         if kind == "zero_shot":
             return self.zero_shot(payload["plan"])
+        if kind == "estimate":
+            return self.estimate(payload["layers"], all_layers=payload.get("all_layers"), weighting=payload.get("weighting", True),
+                                 seed=payload.get("seed", 0))
         if kind == "save":
             return self.materialize(payload["plan"], payload["save_to"], spec=payload.get("spec"), metadata=payload.get("metadata"))
         if kind == "finetune":
@@ -182,6 +187,44 @@ class TrialRunner:
             if save_to is not None:
                 save(model, save_to, spec=spec, metadata=metadata)  # tensors go to the CPU one by one
                 out["weights"] = str(save_to)
+        except Exception as exc:
+            out.update(_error(exc))
+        out["time_total_s"] = time.perf_counter() - t0
+        return out
+
+    def estimate(self, layers: list[dict], *, all_layers: Optional[list[str]] = None, weighting: bool = True,
+                 seed: int = 0) -> dict[str, Any]:
+        """The sensitivity estimate's layer errors (:mod:`autorank.search.sensitivity`). Never raises.
+
+        ``layers``: ``[{"name": ..., "methods": {method: [[rho, rank], ...]}}]``. The
+        statistics (one pass over the calibration batches, for ``all_layers``) are
+        collected on the first call and kept. Returns ``{"errors": {name: {method:
+        [[rho, error or None], ...]}}}``.
+        """
+        out: dict[str, Any] = {"where": where()}
+        t0 = time.perf_counter()
+        try:
+            names = [d["name"] for d in layers]
+            if self._estimate_stats is None or any(n not in self._estimate_stats for n in names):
+                wanted = sorted(set(all_layers or []) | set(names))
+                stats = collect_statistics(self.model, self.task.calibration_inputs(), wanted, calibration=self.calibration,
+                                           weighting=weighting, seed=seed)
+                self._estimate_stats = {**(self._estimate_stats or {}), **stats}
+            t1 = time.perf_counter()
+            modules = dict(self.model.named_modules())
+            errors: dict[str, dict[str, list]] = {}
+            for d in layers:
+                name = d["name"]
+                st = self._estimate_stats.get(name)
+                for method, pts in d["methods"].items():
+                    if st is None:
+                        errs = [None] * len(pts)
+                    else:
+                        method_stats = self.calibration.get(name) if self.calibration is not None else None
+                        errs = layer_errors(modules[name], method, [p[1] for p in pts], st, cache=self.cache, method_stats=method_stats)
+                    errors.setdefault(name, {})[method] = [[p[0], e] for p, e in zip(pts, errs)]
+            out["errors"] = errors
+            out["time_statistics_s"] = t1 - t0
         except Exception as exc:
             out.update(_error(exc))
         out["time_total_s"] = time.perf_counter() - t0
