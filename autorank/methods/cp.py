@@ -6,14 +6,15 @@ import contextlib
 import logging
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import DEFAULT_MEMORY_LIMIT, BaseMethod, dense_kernel_reason, Factors, LayerStats, conv_out_hw, memory_limit
+from autorank.methods._base import (DEFAULT_MEMORY_LIMIT, BaseMethod, dense_kernel_reason, Factors, LayerStats, RefitTarget,
+                                    conv_out_hw, last_factor_target, memory_limit)
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 
 __all__ = ["CP", "cp_als", "cp_als_memory_bytes", "DEFAULT_MEMORY_LIMIT"]
@@ -231,6 +232,10 @@ class CP(BaseMethod):
             {"u_out": a_out, "u_in": b_in, "k_h": k_h, "k_w": k_w},
             {"rank": r, "rel_error": rel, "iterations": iters},
         )
+
+    def refit_target(self, replacement: nn.Module) -> Union[RefitTarget, str]:
+        """The last 1×1 convolution r→N and the bias (the depthwise factors stay; see autorank.refit)."""
+        return last_factor_target(replacement)
 
     def _build(self, spec: LayerSpec, factors: Optional[Factors], rank, options, bias, device, dtype) -> list[nn.Module]:
         r = _as_int(rank)
