@@ -220,8 +220,8 @@ def reconstruct_blocks(
     factors of decomposed layers in the block) or ``"all"``. ``time_s``: a wall-time
     budget: every block gets the same number of steps (at most ``steps``), sized after
     timing the first block's steps and recording so that the whole fits in it (an
-    estimate; each block's recording runs the models up to it). ``max_time_s``: a hard
-    stop (default ``time_s``). ``original`` is not changed; ``compressed`` is changed
+    estimate; each block's recording runs the models up to it), fewer for a block
+    that starts behind schedule. ``max_time_s``: a hard stop (default ``time_s``). ``original`` is not changed; ``compressed`` is changed
     in place and left in the mode it was in.
     """
     if trainable not in TRAINABLE:
@@ -241,6 +241,7 @@ def reconstruct_blocks(
         order, calls = _call_order(compressed, _to(batches[0], device), names)
         names = _outermost(order)
         n_steps = int(steps)  # per block; with a time budget, set from block 0's measured costs
+        per_step: Optional[float] = None
         deadline = None if time_s is None else t0 + float(time_s)
         hard = max_time_s if max_time_s is not None else time_s
         hard_deadline = None if hard is None else t0 + float(hard)
@@ -256,8 +257,12 @@ def reconstruct_blocks(
             before = _block_loss(block, data)
             opt = torch.optim.Adam(params, lr=float(lr))
             done = 0
+            block_steps = n_steps
+            if index > 0 and deadline is not None and per_step is not None:  # behind schedule: fewer steps
+                left_blocks = len(names) - index
+                block_steps = int(min(n_steps, max(1, (deadline - time.perf_counter()) / (left_blocks * per_step))))
             t_train = time.perf_counter()
-            while done < n_steps:
+            while done < block_steps:
                 if hard_deadline is not None and time.perf_counter() >= hard_deadline:
                     break
                 if index == 0 and deadline is not None and done == 5:
@@ -266,9 +271,9 @@ def reconstruct_blocks(
                     per_step = (time.perf_counter() - t_train) / 5
                     n = len(names)
                     left = deadline - time.perf_counter() - recorded * (n * (n + 1) / 2 - 1)
-                    n_steps = int(min(n_steps, max(5, 5 + left / (per_step * n))))
-                frac = done / n_steps
-                warm = min(1.0, (done + 1) / max(1.0, 0.05 * n_steps))
+                    n_steps = block_steps = int(min(n_steps, max(5, 5 + left / (per_step * n))))
+                frac = done / block_steps
+                warm = min(1.0, (done + 1) / max(1.0, 0.05 * block_steps))
                 for group in opt.param_groups:
                     group["lr"] = float(lr) * warm * 0.5 * (1.0 + math.cos(math.pi * frac))
                 a, k, target = data[int(torch.randint(len(data), (1,), generator=gen))]

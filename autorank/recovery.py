@@ -1,38 +1,49 @@
-"""Recovery after compression: closed-form re-fitting, then a budgeted, early-stopped fine-tune.
+"""Recovery after compression: closed-form re-fitting, block-wise reconstruction, then a budgeted fine-tune.
 
 One entry point per plan, :func:`recover`, which the search calls on the plans it
-fine-tunes:
+fine-tunes. Three stages, each kept only if the held-out score does not drop:
 
 1. **Re-fit** (:func:`autorank.refit.refit`): each decomposed layer's re-fittable
-   factor re-solved by least squares on the inputs that reach it through the
-   compressed layers before it, in forward order; no labels, one pass over the
-   calibration batches per layer. Kept only if the held-out score does not drop.
-2. **Fine-tune** within a budget of steps and/or wall time: for the built-in tasks
-   with feature distillation (the outputs of the blocks holding decomposed layers
-   matched to the original's besides the final output) and a choice of trainable
-   parameters (:class:`~autorank.tasks.distill.FinetuneControl`); for any task,
-   early stopping on the held-out split (``task.evaluate`` every ``every`` steps,
-   stop after ``patience`` evaluations without improvement) that restores the best
-   weights, so the result is never worse on the held-out split than the weights the
-   fine-tune started from. A user task (``finetune(model, steps, *, seed=0)``
-   only) is fine-tuned in chunks of ``every`` steps with an evaluation between
-   chunks (each chunk restarts that task's own optimizer and schedule).
+   factors re-solved by least squares on the inputs that reach it through the
+   compressed layers before it, in forward order; no labels, no gradient step,
+   one pass over the inputs per layer.
+2. **Block-wise reconstruction** (:func:`autorank.blockwise.reconstruct_blocks`):
+   each block holding decomposed layers trained alone, on its recorded inputs, to
+   reproduce the original block's outputs; a ``share`` of the budget.
+3. **End-to-end fine-tune** with the rest of the budget (steps and/or wall time):
+   for the built-in tasks with feature distillation (the outputs of the blocks
+   holding decomposed layers matched to the original's besides the final output)
+   and a choice of trainable parameters
+   (:class:`~autorank.tasks.distill.FinetuneControl`); for any task, early stopping
+   on the held-out split (``task.evaluate`` every ``every`` steps, stop after
+   ``patience`` evaluations without improvement) that restores the best weights, so
+   the result is never worse on the held-out split than the weights the fine-tune
+   started from. A user task (``finetune(model, steps, *, seed=0)`` only) is
+   fine-tuned in chunks of ``every`` steps with an evaluation between chunks (each
+   chunk restarts that task's own optimizer and schedule).
+
+The inputs of stages 1 and 2 are the task's fine-tuning inputs
+(``task.training_inputs(batches)`` of the built-in tasks; a task without it gives
+its ``calibration_inputs()``).
 
 Options take the form of the search space's ``training:`` block
-(:meth:`RecoveryOptions.from_dict`)::
+(:meth:`RecoveryOptions.from_dict`; every key optional, the defaults shown)::
 
     training:
-      refit: true                      # or {ridge: 1.0e-4, low_rank: true}; false to skip
-      distill: {features: 0.5, output: 1.0, trainable: all, modules: null}   # false: output only
-      early_stopping: {every: 25, patience: 2}                               # false: no evaluations
-      finetune_steps: 200              # a step budget per plan (null: the search's)
-      finetune_time: 5m                # a wall-time budget per plan ("90s", "5m", "1h" or seconds)
+      refit: {ridge: 0.1, low_rank: true, batches: 16}          # false: skip
+      blockwise: {share: 0.4, lr: 3.0e-4, trainable: decomposed, batches: 16}   # false: skip
+      distill: {features: 0.5, output: 1.0, trainable: decomposed, modules: null}   # false: the output only
+      early_stopping: {every: 25, patience: 5}                 # false: no evaluations in between
+      finetune_steps: null             # a step budget per plan (null: the search's)
+      finetune_time: null              # a wall-time budget per plan: "90s", "5m", "1h" or seconds
       lr: null                         # overrides the task's learning rate (built-in tasks)
 
 References
 ----------
 - X. Zhang, J. Zou, K. He, J. Sun. Accelerating Very Deep Convolutional Networks
   for Classification and Detection. TPAMI 2016 (asymmetric reconstruction).
+- Y. Li et al. BRECQ: Pushing the Limit of Post-Training Quantization by Block
+  Reconstruction. ICLR 2021.
 - A. Romero et al. FitNets: Hints for Thin Deep Nets. ICLR 2015; X. Jiao et al.
   TinyBERT. Findings of EMNLP 2020 (intermediate-feature distillation).
 - L. Prechelt. Early Stopping — But When? In Neural Networks: Tricks of the Trade,
@@ -117,7 +128,7 @@ class DistillOptions:
     features: float = 0.5
     output: float = 1.0
     modules: Optional[str] = None
-    trainable: str = "all"
+    trainable: str = "decomposed"
 
 
 @dataclass(frozen=True)
@@ -126,7 +137,7 @@ class EarlyStopping:
     ``patience`` evaluations without improvement; keep the best weights."""
 
     every: int = 25
-    patience: int = 2
+    patience: int = 5
 
 
 @dataclass(frozen=True)
@@ -478,7 +489,7 @@ def recover(
         before = _state(compressed)
         rep_b = reconstruct_blocks(original, compressed, inputs, steps=block_steps, lr=bw.lr, trainable=bw.trainable,
                                    time_s=block_time, seed=seed,
-                                   max_time_s=None if deadline is None else deadline - time.perf_counter())
+                                   max_time_s=None if deadline is None else min(deadline - time.perf_counter(), 1.25 * block_time))
         score = _score(task, compressed) if rep_b.blocks else current
         kept = score >= current
         if not kept:

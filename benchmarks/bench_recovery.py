@@ -60,11 +60,14 @@ PLANS = RESULTS / "bench_recovery_plans.json"
 ABLATIONS: dict[str, dict] = {
     "features 0 (output only)": {"distill": {"features": 0.0}},
     "features 2": {"distill": {"features": 2.0}},
-    "trainable: decomposed": {"distill": {"trainable": "decomposed"}},
+    "fine-tune all parameters": {"distill": {"trainable": "all"}},
+    "no block-wise": {"blockwise": False},
+    "block-wise share 0.7": {"blockwise": {"share": 0.7}},
     "no re-fit": {"refit": False},
     "re-fit last factor only": {"refit": {"low_rank": False}},
     "re-fit ridge 0.01": {"refit": {"ridge": 0.01}},
     "no early stopping": {"early_stopping": False},
+    "early stopping patience 2": {"early_stopping": {"patience": 2}},
 }
 
 
@@ -119,10 +122,12 @@ def best_plan(name: str, model, task, space, budget: str, trials: int, workdir: 
 # ---------------------------------------------------------------------- the variants
 def today(task, model, seconds: float, seed: int, zero: float) -> dict:
     """The search's fine-tuning (task.finetune, fixed steps), with as many steps as fit in ``seconds``."""
-    probe = copy.deepcopy(model)
+    probe = copy.deepcopy(model)  # the step time, without the per-call overhead (optimizer, loader start)
     t0 = time.perf_counter()
-    task.finetune(probe, 3, seed=seed)
-    per_step = (time.perf_counter() - t0) / 3
+    task.finetune(probe, 2, seed=seed)
+    t1 = time.perf_counter()
+    task.finetune(probe, 12, seed=seed)
+    per_step = max(1e-4, ((time.perf_counter() - t1) - (t1 - t0)) / 10)
     steps = max(1, int(seconds / per_step))
     t0 = time.perf_counter()
     torch.manual_seed(seed)

@@ -218,13 +218,18 @@ class ClassificationTask(BaseTask):
         if control is None:
             opt, sched = make_schedule(self.optimizer, model, self.lr, steps)
         else:
-            opt, sched = control.optimizer(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr), None
             if control.features > 0:
                 if teacher is None:
                     raise TaskError(f"{self.name}: feature distillation needs the original model as control.teacher")
                 distiller = FeatureDistiller(model, teacher, feature_blocks(model, control.modules))
             if teacher is not None:
                 teacher.to(self.device).eval()
+            try:  # last: it freezes the parameters not trained until control.finish()
+                opt, sched = control.optimizer(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr), None
+            except BaseException:
+                if distiller is not None:
+                    distiller.close()
+                raise
             control.start()
         use_teacher = teacher is not None and (distiller is not None or control.output > 0)
         done = 0

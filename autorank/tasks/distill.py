@@ -120,7 +120,14 @@ class FinetuneControl:
         return out
 
     def optimizer(self, make: Callable[[list, float], torch.optim.Optimizer], model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        return make(self.trainable_parameters(model), float(self.lr if self.lr is not None else lr))
+        """The optimizer of the trainable parameters; the others are frozen until :meth:`finish`
+        (so that the backward pass skips them: a transformer's embeddings are half its weights)."""
+        params = self.trainable_parameters(model)
+        keep = {id(p) for p in params}
+        self._frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+        for p in self._frozen:
+            p.requires_grad_(False)
+        return make(params, float(self.lr if self.lr is not None else lr))
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
@@ -157,6 +164,9 @@ class FinetuneControl:
         return False
 
     def finish(self, steps: int) -> None:
+        for p in getattr(self, "_frozen", []):
+            p.requires_grad_(True)
+        self._frozen = []
         self.seconds = time.perf_counter() - self._t0
         if not self.stopped_by:
             self.stopped_by = "steps"

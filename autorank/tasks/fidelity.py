@@ -321,7 +321,6 @@ class FidelityTask(BaseTask):
         if control is None:
             opt, sched = make_schedule(self.optimizer, model, self.lr, steps)
         else:
-            opt, sched = control.optimizer(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr), None
             if control.features > 0:
                 teacher = control.teacher if control.teacher is not None else self._teacher
                 if teacher is None:
@@ -329,6 +328,12 @@ class FidelityTask(BaseTask):
                                     "pass control.teacher)")
                 teacher.to(self.device)
                 distiller = FeatureDistiller(model, teacher, feature_blocks(model, control.modules))
+            try:  # last: it freezes the parameters not trained until control.finish()
+                opt, sched = control.optimizer(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr), None
+            except BaseException:
+                if distiller is not None:
+                    distiller.close()
+                raise
             control.start()
         gen = torch.Generator().manual_seed(int(seed))
         n = len(self.train_batches)
