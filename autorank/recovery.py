@@ -31,8 +31,8 @@ Options take the form of the search space's ``training:`` block
 
     training:
       refit: {ridge: 0.1, low_rank: true, batches: 16}          # false: skip
-      blockwise: {share: 0.4, lr: 3.0e-4, trainable: decomposed, batches: 16}   # false: skip
-      distill: {features: 0.5, output: 1.0, trainable: decomposed, modules: null}   # false: the output only
+      blockwise: {share: 0.7, lr: 3.0e-4, trainable: decomposed, batches: 16}   # false: skip
+      distill: {features: 2.0, output: 1.0, trainable: all, modules: null}   # false: the output only
       early_stopping: {every: 25, patience: 5}                 # false: no evaluations in between
       finetune_steps: null             # a step budget per plan (null: the search's)
       finetune_time: null              # a wall-time budget per plan: "90s", "5m", "1h" or seconds
@@ -113,7 +113,7 @@ class BlockwiseOptions:
     task's fine-tuning inputs recorded. With a step budget S, each block gets share·S steps (a block
     step costs about a model step divided by the number of blocks)."""
 
-    share: float = 0.4
+    share: float = 0.7
     lr: float = DEFAULT_BLOCK_LR
     trainable: str = "decomposed"
     batches: int = 16
@@ -125,10 +125,10 @@ class DistillOptions:
     logit distillation of a classification task (``output``); ``modules``: a regex of the modules to
     match instead of the blocks holding decomposed layers; ``trainable``: ``all`` or ``decomposed``."""
 
-    features: float = 0.5
+    features: float = 2.0
     output: float = 1.0
     modules: Optional[str] = None
-    trainable: str = "decomposed"
+    trainable: str = "all"
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,11 @@ class EarlyStopping:
 
 @dataclass(frozen=True)
 class RecoveryOptions:
-    """What :func:`recover` does; None for a stage turns it off. See the module docstring."""
+    """What :func:`recover` does; None for a stage turns it off. See the module docstring.
+
+    The defaults are what ``benchmarks/bench_recovery.py --ablation`` measured best at equal
+    wall time (MiniLM at 50% FLOPs, the digits, ResNet-20; README, "Recovery after compression").
+    """
 
     refit: Optional[RefitOptions] = field(default_factory=RefitOptions)
     blockwise: Optional[BlockwiseOptions] = field(default_factory=BlockwiseOptions)
@@ -442,7 +446,8 @@ def recover(
     ``options.finetune_steps`` / ``options.finetune_time``; with neither, the task's
     ``default_finetune_steps`` or 100; with only a time, steps are unbounded and the
     time (re-fit included) ends the fine-tune. ``calibration``: inputs for the
-    re-fit (default ``task.calibration_inputs()``). ``zero_shot_score``: the
+    re-fit and the block-wise stage (default: ``task.training_inputs(batches)``,
+    else ``task.calibration_inputs()``). ``zero_shot_score``: the
     held-out score of ``compressed`` if already known (saves one evaluation). The
     result is never worse on the held-out split than ``compressed`` was: a re-fit
     that lowers the score is undone, and the fine-tune keeps its best evaluated

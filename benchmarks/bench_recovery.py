@@ -18,7 +18,7 @@ score is then measured
   wall time per plan;
 
 median of 3 seeds (the seed of the fine-tuning; the plan is the same). The gap closed
-is ``(score − zero-shot) / (1 − zero-shot)``. ``--ablation`` also runs, for one seed,
+is ``(score − zero-shot) / (1 − zero-shot)``. ``--ablation [SETTINGS]`` also runs, for one seed,
 the recovery with one option changed at a time (the numbers the defaults were chosen
 by). Results: ``results/bench_recovery.json`` and ``.md``.
 
@@ -59,15 +59,14 @@ PLANS = RESULTS / "bench_recovery_plans.json"
 #: one option changed at a time, against the defaults (``--ablation``)
 ABLATIONS: dict[str, dict] = {
     "features 0 (output only)": {"distill": {"features": 0.0}},
-    "features 2": {"distill": {"features": 2.0}},
-    "fine-tune all parameters": {"distill": {"trainable": "all"}},
+    "features 0.5": {"distill": {"features": 0.5}},
+    "fine-tune decomposed only": {"distill": {"trainable": "decomposed"}},
     "no block-wise": {"blockwise": False},
-    "block-wise share 0.7": {"blockwise": {"share": 0.7}},
+    "block-wise share 0.4": {"blockwise": {"share": 0.4}},
     "no re-fit": {"refit": False},
     "re-fit last factor only": {"refit": {"low_rank": False}},
     "re-fit ridge 0.01": {"refit": {"ridge": 0.01}},
     "no early stopping": {"early_stopping": False},
-    "early stopping patience 2": {"early_stopping": {"patience": 2}},
 }
 
 
@@ -244,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", default=None, help=f"comma-separated, among {', '.join(SETTINGS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--scale", type=float, default=None, help="multiply every setting's time per plan by this")
-    ap.add_argument("--ablation", action="store_true", help="also the one-option-changed variants (first seed)")
+    ap.add_argument("--ablation", nargs="?", const="all", default="",
+                    help="also the one-option-changed variants (first seed), for these settings (default: all run)")
     ap.add_argument("--out", default=str(RESULTS), help="output folder")
+    ap.add_argument("--stem", default=None, help="file name of the results (default bench_recovery[_quick])")
     args = ap.parse_args(argv)
     names = args.settings.split(",") if args.settings else (["minilm-50", "digits-30"] if args.quick else list(SETTINGS))
     unknown = [n for n in names if n not in SETTINGS]
@@ -263,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         for name in names:
-            results.append(run_setting(name, SETTINGS[name], seeds, scale, args.ablation, Path(tmp), log))
+            ablate = args.ablation == "all" or name in args.ablation.split(",")
+            results.append(run_setting(name, SETTINGS[name], seeds, scale, ablate, Path(tmp), log))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_recovery_quick" if args.quick else "bench_recovery"
+    stem = args.stem or ("bench_recovery_quick" if args.quick else "bench_recovery")
     load = os.getloadavg()
     meta = {"seconds": time.perf_counter() - t0, "loadavg": load, "threads": torch.get_num_threads(),
             "defaults": RecoveryOptions().to_dict()}

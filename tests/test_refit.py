@@ -234,6 +234,19 @@ def test_refit_only_the_layers_asked_and_original_untouched():
     assert isinstance(decomposed_layers(compressed)["2"], Decomposed)
 
 
+def test_a_plan_entry_can_opt_out_of_refit():
+    model = _conv_net()
+    plan = {"layers": {"2": {"method": "svd", "rank": 0.3, "options": {"refit": False}}, "4": {"method": "svd", "rank": 0.3}}}
+    compressed = autorank.decompose(model, plan)
+    old = {k: v.clone() for k, v in compressed.get_submodule("2").state_dict().items()}
+    report = refit(model, compressed, _batches())
+    by = {lr.name: lr for lr in report.layers}
+    assert by["2"].status == "skipped" and "refit: false" in by["2"].reason and by["4"].status == "refit"
+    assert all(torch.equal(v, compressed.get_submodule("2").state_dict()[k]) for k, v in old.items())
+    with pytest.raises(autorank.AutorankError, match="option refit"):
+        autorank.decompose(model, {"layers": {"2": {"method": "svd", "rank": 3, "options": {"refit": "no"}}}})
+
+
 def test_refit_small_cache_gives_the_same_result():
     model = _conv_net()
     batches = _batches()

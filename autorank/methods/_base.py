@@ -102,6 +102,7 @@ COMMON_OPTIONS: dict[str, str] = {
     "align": "round a rank given as a fraction ρ down to a multiple of this (8 or 16 suit GPUs), never below it",
     "fixed_point": "bits (2..8): factors stored as int8 codes with per-channel scales (autorank.training)",
     "bias_after_fold": "indices of factors that carry a bias after batch-norm folding (autorank.training)",
+    "refit": "false: autorank.refit leaves this layer's factors as decomposed (default true)",
 }
 
 
@@ -339,6 +340,8 @@ class BaseMethod:
         bits = options.get("fixed_point")
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
             raise PlanError(f"{where}method {self.name!r}: option fixed_point must be a number of bits in 2..8, got {bits!r}")
+        if not isinstance(options.get("refit", True), bool):
+            raise PlanError(f"{where}method {self.name!r}: option refit must be true or false, got {options['refit']!r}")
         folded = options.get("bias_after_fold")
         if folded is not None and (not isinstance(folded, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in folded)):
