@@ -33,7 +33,7 @@ Options take the form of the search space's ``training:`` block
       refit: {ridge: 0.1, low_rank: true, batches: 16}          # false: skip
       blockwise: {share: 0.7, lr: 3.0e-4, trainable: decomposed, batches: 16}   # false: skip
       distill: {features: 2.0, output: 1.0, trainable: all, modules: null}   # false: the output only
-      early_stopping: {every: 25, patience: 5}                 # false: no evaluations in between
+      early_stopping: {every: 25, patience: 5, after: 0.5}     # false: no evaluations in between
       finetune_steps: null             # a step budget per plan (null: the search's)
       finetune_time: null              # a wall-time budget per plan: "90s", "5m", "1h" or seconds
       lr: null                         # overrides the task's learning rate (built-in tasks)
@@ -134,10 +134,13 @@ class DistillOptions:
 @dataclass(frozen=True)
 class EarlyStopping:
     """``early_stopping:``: evaluate on the held-out split every ``every`` steps; stop after
-    ``patience`` evaluations without improvement; keep the best weights."""
+    ``patience`` evaluations without improvement, once ``after`` of the budget (steps or time) is
+    spent; keep the best weights. (A fine-tune often dips while its learning rate is high and
+    climbs as it decays: on the digits, stopping on patience alone lost to fine-tuning to the end.)"""
 
     every: int = 25
     patience: int = 5
+    after: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -297,11 +300,14 @@ def _early_options(v: Any, where: str) -> Optional[EarlyStopping]:
     if v is True:
         return EarlyStopping()
     if not isinstance(v, Mapping):
-        raise RecoveryError(f"{where}: expected true, false or {{every: N, patience: P}}, got {v!r}")
-    _keys(v, ("every", "patience"), where)
+        raise RecoveryError(f"{where}: expected true, false or {{every: N, patience: P, after: F}}, got {v!r}")
+    _keys(v, ("every", "patience", "after"), where)
     d = EarlyStopping()
+    after = _positive(v.get("after", d.after), f"{where}.after", allow_zero=True)
+    if after > 1:
+        raise RecoveryError(f"{where}.after: expected a fraction of the budget in [0, 1], got {v.get('after')!r}")
     return EarlyStopping(every=_int(v.get("every", d.every), f"{where}.every", 1),
-                         patience=_int(v.get("patience", d.patience), f"{where}.patience", 1))
+                         patience=_int(v.get("patience", d.patience), f"{where}.patience", 1), after=after)
 
 
 _UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -382,8 +388,9 @@ class _Tracker:
     """Evaluations on the held-out split during a fine-tune: the best weights, patience, the time budget."""
 
     def __init__(self, task: Any, model: nn.Module, start_score: float, early: Optional[EarlyStopping],
-                 deadline: Optional[float]):
-        self.task, self.model, self.early, self.deadline = task, model, early, deadline
+                 deadline: Optional[float], horizon: Optional[int] = None):
+        self.task, self.model, self.early, self.deadline, self.horizon = task, model, early, deadline, horizon
+        self.t0 = time.perf_counter()
         self.best_score, self.best_step = start_score, 0
         self.best_state = _state(model)
         self.evaluations: list[list] = [[0, start_score]]
@@ -410,13 +417,20 @@ class _Tracker:
         else:
             self.bad += 1
 
+    def progress(self, step: int) -> float:
+        """The share of the budget spent: the larger of the shares of steps and of time."""
+        done = step / self.horizon if self.horizon else 0.0
+        if self.deadline is not None:
+            done = max(done, (time.perf_counter() - self.t0) / max(1e-9, self.deadline - self.t0))
+        return done
+
     def __call__(self, step: int) -> bool:
         """After optimizer step ``step``: evaluate on schedule; True to stop."""
         if self.early is not None and step % self.early.every == 0:
             self.evaluate(step)
             if self.stopped_by == "diverged":
                 return True
-            if self.bad >= self.early.patience:
+            if self.bad >= self.early.patience and self.progress(step) >= self.early.after:
                 self.stopped_by = "patience"
                 return True
         if self.deadline is not None and time.perf_counter() >= self.deadline:
@@ -524,8 +538,8 @@ def _diverged(model: nn.Module, exc: Exception) -> bool:
 def _finetune(original: nn.Module, model: nn.Module, task: Any, opts: RecoveryOptions, steps: Optional[int],
               deadline: Optional[float], seed: int, start_score: float) -> dict[str, Any]:
     t0 = time.perf_counter()
-    tracker = _Tracker(task, model, start_score, opts.early_stopping, deadline)
     horizon = int(steps) if steps is not None else 10**9
+    tracker = _Tracker(task, model, start_score, opts.early_stopping, deadline, None if steps is None else horizon)
     distill = opts.distill or DistillOptions(features=0.0)
     out: dict[str, Any] = {"budget_steps": steps, "budget_time_s": None if deadline is None else deadline - t0}
     torch.manual_seed(seed)

@@ -116,6 +116,7 @@ def test_options_defaults_round_trip_and_durations():
     ({"distill": {"modules": "("}}, "training.distill.modules"),
     ({"early_stopping": {"every": 0}}, "training.early_stopping.every"),
     ({"early_stopping": {"patience": 1.5}}, "training.early_stopping.patience"),
+    ({"early_stopping": {"after": 2}}, "training.early_stopping.after"),
     ({"finetune_steps": -3}, "training.finetune_steps"),
     ({"finetune_time": "5 parsecs"}, "training.finetune_time"),
     ({"finetune_time": 0}, "training.finetune_time"),
@@ -292,7 +293,7 @@ def test_early_stopping_never_returns_worse_weights_than_it_started_from():
     task = _fidelity(model, lr=1.0, optimizer="sgd")
     compressed = autorank.decompose(model, PLAN_TUPLE)
     start = task.evaluate(compressed)
-    opts = {"refit": False, "blockwise": False, "distill": False, "early_stopping": {"every": 2, "patience": 2}}
+    opts = {"refit": False, "blockwise": False, "distill": False, "early_stopping": {"every": 2, "patience": 2, "after": 0}}
     out, report = recover(model, compressed, task, opts, steps=40)
     ft = report.finetune
     assert ft["stopped_by"] in ("patience", "diverged") and ft["steps"] < 40
@@ -308,12 +309,36 @@ def test_early_stopping_keeps_the_best_evaluated_weights():
     compressed = autorank.decompose(model, PLAN_TUPLE)
     start = task.evaluate(compressed)
     out, report = recover(model, compressed, task, {"refit": False, "blockwise": False,
-                                                    "early_stopping": {"every": 5, "patience": 3}}, steps=30)
+                                                    "early_stopping": {"every": 5, "patience": 3, "after": 0}}, steps=30)
     ft = report.finetune
     best = max(s for _, s in ft["evaluations"])
     assert report.score == best >= start
     assert task.evaluate(out) == pytest.approx(best, abs=1e-9)
     assert [s for s, _ in ft["evaluations"]] == list(range(0, ft["steps"] + 1, 5))
+
+
+def test_patience_waits_until_the_share_of_the_budget_given():
+    """A fine-tune that only hurts (noise added to the weights): with ``after: 0.5`` it still runs half its
+    steps before patience stops it; with ``after: 0`` patience stops it at once; the start weights come back."""
+    model = toy_cnn().eval()
+    task = toy_task()
+    task.setup(model)
+
+    def hurt(m, steps, *, seed=0):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * steps * torch.randn_like(p))
+        return m
+
+    task.finetune = hurt
+    for after, expected in ((0.5, 20), (0.0, 4)):
+        compressed = autorank.decompose(model, {"layers": {"features.2": {"method": "svd", "rank": 4}}})
+        start = task.evaluate(compressed)
+        opts = {"refit": False, "blockwise": False, "early_stopping": {"every": 2, "patience": 2, "after": after}}
+        out, report = recover(model, compressed, task, opts, steps=40)
+        ft = report.finetune
+        assert ft["stopped_by"] == "patience" and ft["steps"] == expected, (after, ft["steps"])
+        assert ft["best_step"] == 0 and task.evaluate(out) == pytest.approx(start, abs=1e-12)
 
 
 def test_user_task_is_wrapped_in_chunks_with_early_stopping():

@@ -6,6 +6,8 @@
 - :func:`demo_task` — scikit-learn's 8×8 digits (the ``demo`` model's task).
 - :func:`minilm_task` — sentence-embedding fidelity for the ``minilm`` model.
 - :func:`load_task` — a task from a spec (built-in name, ``module:callable``, ``file.py:callable``).
+- :class:`FinetuneControl` — feature distillation, trainable parameters, a time budget and a per-step
+  callback for the built-in tasks' ``finetune`` (used by :mod:`autorank.recovery`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from autorank.errors import TaskError
 from autorank.tasks.base import BaseTask, Task
 from autorank.tasks.classification import ClassificationTask
 from autorank.tasks.demo import demo_task
+from autorank.tasks.distill import FinetuneControl
 from autorank.tasks.fidelity import FidelityTask
 from autorank.tasks.loader import load_task
 from autorank.tasks.text import minilm_task  # transformers is imported only when a MiniLM is loaded
@@ -22,6 +25,7 @@ __all__ = [
     "BaseTask",
     "ClassificationTask",
     "FidelityTask",
+    "FinetuneControl",
     "Task",
     "TaskError",
     "demo_task",
