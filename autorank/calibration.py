@@ -45,7 +45,7 @@ from autorank.methods._layers import LayerSpec, layer_kind, layer_spec
 
 logger = logging.getLogger("autorank")
 
-__all__ = ["Calibration", "collect", "record_input_shapes", "as_batches", "find_blocks"]
+__all__ = ["Calibration", "collect", "record_input_shapes", "as_batches", "find_blocks", "run_batch"]
 
 #: largest Gram matrix side collected per group (larger layers are skipped with a warning)
 MAX_GRAM_SIDE = 16384
@@ -96,7 +96,8 @@ def as_batches(inputs: Any) -> list:
     return out
 
 
-def _run(model: nn.Module, batch) -> None:
+def run_batch(model: nn.Module, batch) -> None:
+    """Call ``model`` on one calibration batch: a dict as keywords, a list/tuple as positional arguments."""
     if isinstance(batch, dict):
         model(**batch)
     elif isinstance(batch, (list, tuple)):
@@ -320,7 +321,7 @@ def _collect_full(model: nn.Module, batches: list, named: dict[str, nn.Module], 
         with torch.no_grad():
             for batch in batches:
                 grams.begin()
-                _run(model, batch)
+                run_batch(model, batch)
                 grams.end()
     except Exception as exc:  # the user's inputs do not fit the model
         raise CalibrationError(f"running the model on the calibration inputs failed: {type(exc).__name__}: {exc}") from exc
@@ -344,7 +345,7 @@ def _capture(model: nn.Module, block: nn.Module, batch) -> Optional[tuple[tuple,
 
     handle = block.register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        _run(model, batch)
+        run_batch(model, batch)
     except _Stop:
         pass
     finally:
@@ -479,7 +480,7 @@ def record_input_shapes(model: nn.Module, inputs: Any, layers: Optional[Iterable
     try:
         with torch.no_grad():
             for batch in batches:
-                _run(model, batch)
+                run_batch(model, batch)
     except Exception as exc:
         raise CalibrationError(f"running the model on the example inputs failed: {type(exc).__name__}: {exc}") from exc
     finally:

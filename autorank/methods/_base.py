@@ -38,7 +38,8 @@ from autorank.methods._layers import (
     rows_of,
 )
 
-__all__ = ["BaseMethod", "Factors", "Rank", "dense_cost", "LayerStats", "align_rank", "COMMON_OPTIONS"]
+__all__ = ["BaseMethod", "Factors", "Rank", "dense_cost", "LayerStats", "align_rank", "COMMON_OPTIONS", "RefitTarget",
+           "last_factor_target"]
 
 Rank = Union[int, tuple[int, ...]]
 
@@ -101,6 +102,7 @@ COMMON_OPTIONS: dict[str, str] = {
     "align": "round a rank given as a fraction ρ down to a multiple of this (8 or 16 suit GPUs), never below it",
     "fixed_point": "bits (2..8): factors stored as int8 codes with per-channel scales (autorank.training)",
     "bias_after_fold": "indices of factors that carry a bias after batch-norm folding (autorank.training)",
+    "refit": "false: autorank.training.refit leaves this layer's factors as decomposed (default true)",
 }
 
 
@@ -389,6 +391,8 @@ class BaseMethod:
         bits = options.get("fixed_point")
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
             raise PlanError(f"{where}method {self.name!r}: option fixed_point must be a number of bits in 2..8, got {bits!r}")
+        if not isinstance(options.get("refit", True), bool):
+            raise PlanError(f"{where}method {self.name!r}: option refit must be true or false, got {options['refit']!r}")
         folded = options.get("bias_after_fold")
         if folded is not None and (not isinstance(folded, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in folded)):
@@ -428,6 +432,22 @@ class BaseMethod:
         """
         return None
 
+    # ------------------------------------------------------------------ re-fitting (autorank.training.refit)
+    def refit_target(self, replacement: nn.Module) -> Union["RefitTarget", str]:
+        """Which factor of a built ``replacement`` :func:`autorank.training.refit.refit` may re-solve, or why none.
+
+        A replacement's output is linear in its last factor's weight and bias once
+        the factors before it are fixed, so least squares on that factor's inputs
+        gives the best last factor in closed form. Methods whose last factor is a
+        plain ``Linear`` / ``Conv2d`` say so with :func:`last_factor_target`; the
+        default is a reason: nothing is re-fitted.
+        """
+        return f"method {self.name!r} declares no factor that least squares can re-fit"
+
+    def set_low_rank(self, replacement: nn.Module, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Write a rank-r product ``left @ right`` per group into the factors (only for ``RefitTarget.low_rank``)."""
+        raise NotImplementedError(f"method {self.name!r} has no joint low-rank re-fit")
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -446,6 +466,38 @@ class BaseMethod:
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
+
+
+@dataclass(frozen=True)
+class RefitTarget:
+    """What :func:`autorank.training.refit.refit` re-solves in one replacement.
+
+    ``factor``: the index of the factor (a plain ``Linear`` or ``Conv2d``) whose
+    weight and bias least squares re-fits on its own inputs. ``low_rank``: instead,
+    the whole replacement is one rank-r map (factor 0 carries the layer's geometry,
+    factor ``factor`` mixes r channels per group): it is re-solved jointly as the
+    best rank-r map on the replacement's inputs and written back with
+    :meth:`BaseMethod.set_low_rank` (svd).
+    """
+
+    factor: int
+    low_rank: bool = False
+
+
+def last_factor_target(replacement: nn.Module, low_rank: bool = False) -> Union[RefitTarget, str]:
+    """``RefitTarget(last factor)`` when the last factor is a plain Linear or Conv2d, else the reason it is not."""
+    children = list(replacement.children()) if isinstance(replacement, nn.Sequential) else []
+    if not children:
+        return "the replacement has no factors"
+    last = children[-1]
+    if type(last) not in (nn.Linear, nn.Conv2d):
+        return f"its last factor is a {type(last).__name__} (fixed-point or training-time layer), not a plain Linear/Conv2d"
+    if getattr(last, "parametrizations", None) is not None:
+        return "its last factor's weight is parametrized (fake-quantised while training)"
+    if low_rank and (len(children) != 2 or any(type(c) not in (nn.Linear, nn.Conv2d) or getattr(c, "parametrizations", None)
+                                               is not None for c in children)):
+        return RefitTarget(len(children) - 1, False)
+    return RefitTarget(len(children) - 1, low_rank)
 
 
 def dense_kernel_reason(spec: LayerSpec, method: str, what: str) -> Optional[str]:

@@ -550,6 +550,11 @@ class NetworkMethod(BaseMethod):
     def _applies(self, spec: LayerSpec) -> Optional[str]:
         return layout_reason(spec, self.name)
 
+    def refit_target(self, replacement: nn.Module) -> str:
+        """Not re-fitted: every core is contracted inside one module, none is a separate linear layer."""
+        return (f"method {self.name!r} is not re-fitted: its cores are contracted inside one "
+                f"{'tensor-ring' if self.ring else 'tensor-train'} module, with no separate last factor to solve")
+
     def layout(self, module_or_spec) -> TrainLayout:
         """The automatic split of the layer's dimensions into cores."""
         spec = module_or_spec if isinstance(module_or_spec, LayerSpec) else layer_spec(module_or_spec)

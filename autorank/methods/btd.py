@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw, dense_cost, dense_kernel_reason, memory_limit
+from autorank.methods._base import (BaseMethod, Factors, LayerStats, Rank, RefitTarget, conv_out_hw, dense_cost,
+                                    dense_kernel_reason, last_factor_target, memory_limit)
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, layer_spec, make_conv, nominal_input_shape, weight_matrix
 from autorank.methods.tucker2 import tucker_core
 
@@ -280,6 +281,10 @@ class BTD(BaseMethod):
             {"u_in": u_in, "core": core, "u_out": u_out},
             {"rank": [g, r1, r2], "rel_error": rel, "sweeps": done},
         )
+
+    def refit_target(self, replacement: nn.Module) -> Union[RefitTarget, str]:
+        """The last 1×1 convolution g·r2→N and the bias (the other factors stay; see autorank.training.refit)."""
+        return last_factor_target(replacement)
 
     def _build(self, spec: LayerSpec, factors: Optional[Factors], rank, options, bias, device, dtype) -> list[nn.Module]:
         g, r1, r2 = _as_triple(spec, rank)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import DEFAULT_MEMORY_LIMIT, BaseMethod, dense_kernel_reason, Factors, LayerStats, conv_out_hw, memory_limit
+from autorank.methods._base import (DEFAULT_MEMORY_LIMIT, BaseMethod, dense_kernel_reason, Factors, LayerStats, RefitTarget,
+                                    conv_out_hw, last_factor_target, memory_limit)
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 
 __all__ = ["CP", "CPFit", "cp_als", "cp_init", "cp_fit_gflop", "cp_als_memory_bytes", "reconstruct", "DEFAULT_MEMORY_LIMIT"]
@@ -469,6 +470,10 @@ class CP(BaseMethod):
             {"rank": r, "rel_error": fit.rel_error, "iterations": fit.sweeps, "init_error": fit.init_error,
              "converged": fit.converged},
         )
+
+    def refit_target(self, replacement: nn.Module) -> Union[RefitTarget, str]:
+        """The last 1×1 convolution r→N and the bias (the depthwise factors stay; see autorank.training.refit)."""
+        return last_factor_target(replacement)
 
     def _build(self, spec: LayerSpec, factors: Optional[Factors], rank, options, bias, device, dtype) -> list[nn.Module]:
         r = _as_int(rank)

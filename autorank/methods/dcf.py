@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from autorank.errors import RankError
-from autorank.methods._base import BaseMethod, Factors, LayerStats, conv_out_hw
+from autorank.methods._base import BaseMethod, Factors, LayerStats, RefitTarget, conv_out_hw, last_factor_target
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 
 __all__ = ["DCF", "dct_basis", "FixedBasisConv2d"]
@@ -161,6 +161,10 @@ class DCF(BaseMethod):
         basis = dct_basis(kh, kw)
         coef = torch.einsum("ncij,mij->ncm", w, basis)  # projections = least squares (orthonormal basis)
         return Factors({"coef": coef.contiguous()}, {"basis": "dct", "kernel": [kh, kw]})
+
+    def refit_target(self, replacement: nn.Module) -> Union[RefitTarget, str]:
+        """The 1×1 coefficients C·K→N and the bias, on the fixed basis' outputs (see autorank.training.refit)."""
+        return last_factor_target(replacement)
 
     def _build(self, spec: LayerSpec, factors: Optional[Factors], rank, options, bias, device, dtype) -> list[nn.Module]:
         k = _as_int(rank)

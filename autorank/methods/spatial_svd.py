@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw
+from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, RefitTarget, conv_out_hw, last_factor_target
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 from autorank.methods._linalg import balanced_svd, data_aware_svd
 
@@ -111,6 +111,10 @@ class SpatialSVD(BaseMethod):
             {"left": torch.stack(lefts), "right": torch.stack(rights), "s": torch.stack(svals)},
             {"init": how},
         )
+
+    def refit_target(self, replacement: nn.Module) -> Union[RefitTarget, str]:
+        """The 1×k_w convolution r→N and the bias, by least squares on its inputs (see autorank.training.refit)."""
+        return last_factor_target(replacement)
 
     def _build(self, spec: LayerSpec, factors: Optional[Factors], rank, options, bias, device, dtype) -> list[nn.Module]:
         r = int(rank)

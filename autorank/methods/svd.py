@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, conv_out_hw
+from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, RefitTarget, conv_out_hw, last_factor_target
 from autorank.methods._layers import (
     Cost,
     LayerSpec,
@@ -123,6 +123,17 @@ class SVD(BaseMethod):
             {"left": torch.stack(lefts), "right": torch.stack(rights), "s": torch.stack(svals)},
             {"init": how},
         )
+
+    def refit_target(self, replacement: nn.Module) -> Union[RefitTarget, str]:
+        """Both factors, re-solved jointly: the best rank-r map on the replacement's inputs (see autorank.training.refit)."""
+        return last_factor_target(replacement, low_rank=True)
+
+    def set_low_rank(self, replacement: nn.Module, left: torch.Tensor, right: torch.Tensor) -> None:
+        """``left`` (groups, out/groups, r) into the second factor, ``right`` (groups, r, d) into the first."""
+        first, second = replacement[0], replacement[1]
+        with torch.no_grad():
+            first.weight.copy_(right.reshape(first.weight.shape).to(first.weight.dtype))
+            second.weight.copy_(left.reshape(second.weight.shape).to(second.weight.dtype))
 
     def _build(self, spec: LayerSpec, factors: Optional[Factors], rank, options, bias, device, dtype) -> list[nn.Module]:
         r = int(rank)

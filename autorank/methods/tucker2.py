@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from autorank.errors import RankError
-from autorank.methods._base import BaseMethod, dense_kernel_reason, Factors, LayerStats, Rank, conv_out_hw
+from autorank.methods._base import (BaseMethod, dense_kernel_reason, Factors, LayerStats, Rank, RefitTarget, conv_out_hw,
+                                    last_factor_target)
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 from autorank.methods._linalg import thin_svd
 from autorank.methods._vbmf import evbmf_rank
@@ -235,6 +236,10 @@ class Tucker2(BaseMethod):
             {"u_in": u_in, "core": core, "u_out": u_out},
             {"init": "hooi", "rank": [r_in, r_out], "sweeps": sweeps},
         )
+
+    def refit_target(self, replacement: nn.Module) -> Union[RefitTarget, str]:
+        """The last 1×1 convolution r_out→N and the bias (the first 1×1 and the core stay; see autorank.training.refit)."""
+        return last_factor_target(replacement)
 
     def _build(self, spec: LayerSpec, factors: Optional[Factors], rank, options, bias, device, dtype) -> list[nn.Module]:
         r_in, r_out = _as_pair(rank)

@@ -7,6 +7,8 @@
 - :func:`minilm_task` — sentence-embedding fidelity for the ``minilm`` model.
 - :class:`PerplexityTask` — next-token perplexity of a causal LM on a text file (``perplexity:FILE``).
 - :func:`load_task` — a task from a spec (built-in name, ``module:callable``, ``file.py:callable``).
+- :class:`FinetuneControl` — feature distillation, trainable parameters, a time budget and a per-step
+  callback for the built-in tasks' ``finetune`` (used by :mod:`autorank.training.recovery`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from autorank.errors import TaskError
 from autorank.tasks.base import BaseTask, Task
 from autorank.tasks.classification import ClassificationTask
 from autorank.tasks.demo import demo_task
+from autorank.tasks.distill import FinetuneControl
 from autorank.tasks.fidelity import FidelityTask
 from autorank.tasks.loader import load_task
 from autorank.tasks.perplexity import PerplexityTask
@@ -24,6 +27,7 @@ __all__ = [
     "BaseTask",
     "ClassificationTask",
     "FidelityTask",
+    "FinetuneControl",
     "PerplexityTask",
     "Task",
     "TaskError",

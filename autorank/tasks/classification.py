@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from autorank.errors import TaskError
+from autorank.tasks.distill import FeatureDistiller, FinetuneControl, TermScale, feature_blocks, kd_loss
 from autorank.tasks.base import (
     BaseTask,
     OptimizerSpec,
     call,
     check_finite,
+    make_optimizer,
     make_schedule,
     primary_output,
     seeded,
@@ -148,6 +150,19 @@ class ClassificationTask(BaseTask):
             self._calibration = out
         return [to_device(x, self.device) for x in self._calibration]
 
+    def training_inputs(self, max_batches: Optional[int] = None) -> list:
+        """The inputs of the first ``max_batches`` training batches (all if None), drawn with seed 0, on ``device``."""
+        out = []
+        with seeded(0, self.device), _loader_generator_seeded(self.train_loader, 0):
+            for batch in self.train_loader:
+                if max_batches is not None and len(out) >= int(max_batches):
+                    break
+                x, _ = split_labelled(batch, f"{self.name}: training loader")
+                out.append(to_device(x, self.device))
+        if not out:
+            raise TaskError(f"{self.name}: the training loader yields no batches")
+        return out
+
     # ------------------------------------------------------------------ scoring
     def _logits(self, model: nn.Module, x: Any, labels: torch.Tensor, where: str) -> torch.Tensor:
         logits = primary_output(call(model, x), where=f"{self.name}: {where}: model output")
@@ -182,37 +197,90 @@ class ClassificationTask(BaseTask):
         return correct / total
 
     # ------------------------------------------------------------------ training
-    def finetune(self, model: nn.Module, steps: int, *, seed: int = 0) -> nn.Module:
-        """``steps`` optimizer steps on the training loader (seeded), then the model in eval mode."""
+    def finetune(self, model: nn.Module, steps: int, *, seed: int = 0,
+                 control: Optional[FinetuneControl] = None) -> nn.Module:
+        """``steps`` optimizer steps on the training loader (seeded), then the model in eval mode.
+
+        ``control`` (:class:`~autorank.tasks.distill.FinetuneControl`, used by
+        :mod:`autorank.training.recovery`): with ``control.teacher`` (the original model), the
+        loss adds to the cross-entropy the distillation of the teacher's logits
+        (weight ``control.output``, temperature 2) and of its block outputs (weight
+        ``control.features``), each term divided by its first value; plus trainable
+        parameters, a wall-time budget and a per-step callback.
+        """
         model.to(self.device)
         steps = int(steps)
         if steps <= 0:
             return model.eval()
-        opt, sched = make_schedule(self.optimizer, model, self.lr, steps)
+        teacher = control.teacher if control is not None else None
+        distiller: Optional[FeatureDistiller] = None
+        scales = (TermScale(), TermScale())
+        if control is None:
+            opt, sched = make_schedule(self.optimizer, model, self.lr, steps)
+        else:
+            if control.features > 0:
+                if teacher is None:
+                    raise TaskError(f"{self.name}: feature distillation needs the original model as control.teacher")
+                distiller = FeatureDistiller(model, teacher, feature_blocks(model, control.modules))
+            if teacher is not None:
+                teacher.to(self.device).eval()
+            try:  # last: it freezes the parameters not trained until control.finish()
+                opt, sched = control.optimizer(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr), None
+            except BaseException:
+                if distiller is not None:
+                    distiller.close()
+                raise
+            control.start()
+        use_teacher = teacher is not None and (distiller is not None or control.output > 0)
         done = 0
         model.train()
         try:
             with seeded(seed, self.device), _loader_generator_seeded(self.train_loader, seed):
                 while done < steps:
                     epoch_batches = 0
+                    stop = False
                     for batch in self.train_loader:
                         epoch_batches += 1
                         x, y = split_labelled(batch, f"{self.name}: training loader")
                         x, y = to_device(x, self.device), y.to(self.device)
+                        if control is not None:
+                            control.set_lr(opt, done, steps)
+                        teacher_logits = teacher_features = None
+                        if use_teacher:
+                            with torch.no_grad():
+                                teacher_logits = primary_output(call(teacher, x), where=f"{self.name}: teacher output")
+                            if distiller is not None:
+                                teacher_features = distiller.take_teacher()
                         logits = self._logits(model, x, y, f"training step {done}")
                         loss = self.loss(logits, y)
+                        if control is not None:
+                            loss = scales[0](loss)
+                            if teacher_logits is not None and control.output > 0:
+                                loss = loss + control.output * scales[1](kd_loss(logits, teacher_logits.detach()))
+                            if distiller is not None:
+                                loss = loss + control.features * distiller.loss(teacher_features)
                         if not bool(torch.isfinite(loss)):
-                            raise TaskError(f"{self.name}: the training loss became {float(loss)} at step {done} of {steps}")
+                            raise TaskError(f"{self.name}: the training loss became {float(loss.detach())} at step {done} of {steps}")
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
-                        sched.step()
+                        if sched is not None:
+                            sched.step()
                         done += 1
+                        if control is not None and control.after_step(done):
+                            stop = True
+                            break
                         if done >= steps:
                             break
                     if epoch_batches == 0:
                         raise TaskError(f"{self.name}: the training loader yields no batches")
+                    if stop:
+                        break
         finally:
             model.eval()
-        logger.debug("%s: fine-tuned %d steps (seed %d)", self.name, steps, seed)
+            if distiller is not None:
+                distiller.close()
+            if control is not None:
+                control.finish(steps)
+        logger.debug("%s: fine-tuned %d steps (seed %d)", self.name, done, seed)
         return model

@@ -20,11 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from autorank.errors import TaskError
+from autorank.tasks.distill import FeatureDistiller, FinetuneControl, TermScale, feature_blocks
 from autorank.tasks.base import (
     BaseTask,
     OptimizerSpec,
     call,
     check_finite,
+    make_optimizer,
     make_schedule,
     primary_output,
     seeded,
@@ -36,6 +38,9 @@ from autorank.tasks.base import (
 logger = logging.getLogger("autorank")
 
 __all__ = ["FidelityTask"]
+
+#: teacher block outputs kept in memory across the steps of one feature-distillation fine-tune (bytes)
+FEATURE_CACHE_BYTES = 1 << 30
 
 _METRICS = {"auto", "cosine", "top1"}
 #: the score's name as reported, per metric
@@ -174,6 +179,11 @@ class FidelityTask(BaseTask):
         """The first sample of the first held-out batch (batch of one), on ``device``."""
         return to_device(slice_batch(self.held_out[0], 0, 1), self.device)
 
+    def training_inputs(self, max_batches: Optional[int] = None) -> list:
+        """The distillation batches (inputs only), the first ``max_batches`` of them if given, on ``device``."""
+        batches = self.train_batches if max_batches is None else self.train_batches[: int(max_batches)]
+        return [to_device(b, self.device) for b in batches]
+
     def calibration_inputs(self) -> list:
         """The ``calibration`` batches given, else the first ``calibration_batches`` distillation batches."""
         batches = self.calibration if self.calibration is not None else self.train_batches[: self.calibration_batches]
@@ -287,14 +297,44 @@ class FidelityTask(BaseTask):
             return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * (t * t)
         return F.mse_loss(out, target)
 
-    def finetune(self, model: nn.Module, steps: int, *, seed: int = 0) -> nn.Module:
-        """Distil from the original for ``steps`` optimizer steps (seeded), then the model in eval mode."""
+    def finetune(self, model: nn.Module, steps: int, *, seed: int = 0,
+                 control: Optional[FinetuneControl] = None) -> nn.Module:
+        """Distil from the original for ``steps`` optimizer steps (seeded), then the model in eval mode.
+
+        ``control`` (:class:`~autorank.tasks.distill.FinetuneControl`, used by
+        :mod:`autorank.training.recovery`): feature distillation (the teacher's block outputs
+        are computed once per distillation batch and kept, up to 1 GiB), trainable
+        parameters, a wall-time budget with a cosine decay over it, a per-step
+        callback. Without it, the plain recipe: the task's optimizer with a cosine
+        decay over ``steps``.
+        """
         self._require_setup()
         model.to(self.device)
         steps = int(steps)
         if steps <= 0:
             return model.eval()
-        opt, sched = make_schedule(self.optimizer, model, self.lr, steps)
+        distiller: Optional[FeatureDistiller] = None
+        teacher: Optional[nn.Module] = None
+        scale_out = TermScale()
+        features: dict[int, dict[str, torch.Tensor]] = {}
+        cached_bytes = 0
+        if control is None:
+            opt, sched = make_schedule(self.optimizer, model, self.lr, steps)
+        else:
+            if control.features > 0:
+                teacher = control.teacher if control.teacher is not None else self._teacher
+                if teacher is None:
+                    raise TaskError(f"{self.name}: feature distillation needs a teacher (the original could not be copied; "
+                                    "pass control.teacher)")
+                teacher.to(self.device)
+                distiller = FeatureDistiller(model, teacher, feature_blocks(model, control.modules))
+            try:  # last: it freezes the parameters not trained until control.finish()
+                opt, sched = control.optimizer(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr), None
+            except BaseException:
+                if distiller is not None:
+                    distiller.close()
+                raise
+            control.start()
         gen = torch.Generator().manual_seed(int(seed))
         n = len(self.train_batches)
         order: list[int] = []
@@ -306,6 +346,19 @@ class FidelityTask(BaseTask):
                         order = torch.randperm(n, generator=gen).tolist()
                     i = order.pop()
                     target = self._target(i)
+                    teacher_features = None
+                    if distiller is not None:
+                        teacher_features = features.get(i)
+                        if teacher_features is None:
+                            with torch.no_grad():
+                                call(teacher, to_device(self.train_batches[i], self.device))
+                            teacher_features = distiller.take_teacher()
+                            size = sum(t.numel() * t.element_size() for t in teacher_features.values())
+                            if cached_bytes + size <= FEATURE_CACHE_BYTES:
+                                features[i] = teacher_features
+                                cached_bytes += size
+                    if control is not None:
+                        control.set_lr(opt, step, steps)
                     out, _ = self._outputs(model, self.train_batches[i], f"model output on training batch {i}")
                     if tuple(out.shape) != tuple(target.shape):
                         raise TaskError(
@@ -313,13 +366,24 @@ class FidelityTask(BaseTask):
                             f"the original's has {tuple(target.shape)}"
                         )
                     loss = self._loss(out, target)
+                    if control is not None:
+                        loss = scale_out(loss)
+                        if distiller is not None:
+                            loss = loss + control.features * distiller.loss(teacher_features)
                     if not bool(torch.isfinite(loss)):
-                        raise TaskError(f"{self.name}: the distillation loss became {float(loss)} at step {step} of {steps}")
+                        raise TaskError(f"{self.name}: the distillation loss became {float(loss.detach())} at step {step} of {steps}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    sched.step()
+                    if sched is not None:
+                        sched.step()
+                    if control is not None and control.after_step(step + 1):
+                        break
         finally:
             model.eval()
-        logger.debug("%s: distilled %d steps (seed %d)", self.name, steps, seed)
+            if distiller is not None:
+                distiller.close()
+            if control is not None:
+                control.finish(steps)
+        logger.debug("%s: distilled %d steps (seed %d)", self.name, control.steps_done if control else steps, seed)
         return model

@@ -1,0 +1,602 @@
+"""Recovery after compression: closed-form re-fitting, block-wise reconstruction, then a budgeted fine-tune.
+
+One entry point per plan, :func:`recover`, which the search calls on the plans it
+fine-tunes. Three stages, each kept only if the held-out score does not drop:
+
+1. **Re-fit** (:func:`autorank.training.refit.refit`): each decomposed layer's re-fittable
+   factors re-solved by least squares on the inputs that reach it through the
+   compressed layers before it, in forward order; no labels, no gradient step,
+   one pass over the inputs per layer.
+2. **Block-wise reconstruction** (:func:`autorank.training.blockwise.reconstruct_blocks`):
+   each block holding decomposed layers trained alone, on its recorded inputs, to
+   reproduce the original block's outputs; a ``share`` of the budget.
+3. **End-to-end fine-tune** with the rest of the budget (steps and/or wall time):
+   for the built-in tasks with feature distillation (the outputs of the blocks
+   holding decomposed layers matched to the original's besides the final output)
+   and a choice of trainable parameters
+   (:class:`~autorank.tasks.distill.FinetuneControl`); for any task, early stopping
+   on the held-out split (``task.evaluate`` every ``every`` steps, stop after
+   ``patience`` evaluations without improvement) that restores the best weights, so
+   the result is never worse on the held-out split than the weights the fine-tune
+   started from. A user task (``finetune(model, steps, *, seed=0)`` only) is
+   fine-tuned in chunks of ``every`` steps with an evaluation between chunks (each
+   chunk restarts that task's own optimizer and schedule).
+
+The inputs of stages 1 and 2 are the task's fine-tuning inputs
+(``task.training_inputs(batches)`` of the built-in tasks; a task without it gives
+its ``calibration_inputs()``).
+
+Options take the form of the search space's ``training:`` block
+(:meth:`RecoveryOptions.from_dict`; every key optional, the defaults shown)::
+
+    training:
+      refit: {ridge: 0.1, low_rank: true, batches: 16}          # false: skip
+      blockwise: {share: 0.7, lr: 3.0e-4, trainable: decomposed, batches: 16}   # false: skip
+      distill: {features: 2.0, output: 1.0, trainable: all, modules: null}   # false: the output only
+      early_stopping: {every: 25, patience: 5, after: 0.5}     # false: no evaluations in between
+      finetune_steps: null             # a step budget per plan (null: the search's)
+      finetune_time: null              # a wall-time budget per plan: "90s", "5m", "1h" or seconds
+      lr: null                         # overrides the task's learning rate (built-in tasks)
+
+References
+----------
+- X. Zhang, J. Zou, K. He, J. Sun. Accelerating Very Deep Convolutional Networks
+  for Classification and Detection. TPAMI 2016 (asymmetric reconstruction).
+- Y. Li et al. BRECQ: Pushing the Limit of Post-Training Quantization by Block
+  Reconstruction. ICLR 2021.
+- A. Romero et al. FitNets: Hints for Thin Deep Nets. ICLR 2015; X. Jiao et al.
+  TinyBERT. Findings of EMNLP 2020 (intermediate-feature distillation).
+- L. Prechelt. Early Stopping — But When? In Neural Networks: Tricks of the Trade,
+  Springer 1998 (stop after a number of evaluations without improvement, keep the best).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from autorank.training.blockwise import DEFAULT_BLOCK_LR, reconstruct_blocks
+from autorank.errors import AutorankError, TaskError
+from autorank.training.refit import DEFAULT_RIDGE, refit
+from autorank.tasks.distill import TRAINABLE, FinetuneControl
+
+logger = logging.getLogger("autorank")
+
+__all__ = [
+    "RecoveryError",
+    "RefitOptions",
+    "DistillOptions",
+    "EarlyStopping",
+    "RecoveryOptions",
+    "RecoveryReport",
+    "RECOVERY_KEYS",
+    "parse_duration",
+    "recover",
+    "supports_control",
+]
+
+#: keys of the search space's ``training:`` block that belong to recovery
+RECOVERY_KEYS = ("refit", "blockwise", "distill", "early_stopping", "finetune_steps", "finetune_time", "lr")
+
+
+class RecoveryError(AutorankError, ValueError):
+    """A recovery option that cannot be used (the message names the key and the value)."""
+
+
+# ---------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class RefitOptions:
+    """``refit:``: ``ridge``, the pull toward the current weights in the least-squares solves (relative
+    to the Gram matrix's mean diagonal); ``low_rank``: re-solve svd's two factors jointly (else only its
+    second factor); ``batches``: how many batches of the task's fine-tuning inputs to fit on
+    (``task.training_inputs``; a task without it gives its calibration inputs)."""
+
+    ridge: float = DEFAULT_RIDGE
+    low_rank: bool = True
+    batches: int = 16
+
+
+@dataclass(frozen=True)
+class BlockwiseOptions:
+    """``blockwise:``: the ``share`` of the fine-tuning budget (steps or time) spent training each block
+    alone (:func:`autorank.training.blockwise.reconstruct_blocks`) before the end-to-end fine-tune; Adam's
+    ``lr``; ``trainable``: ``decomposed`` or ``all`` (the block's parameters); ``batches`` of the
+    task's fine-tuning inputs recorded. With a step budget S, each block gets share·S steps (a block
+    step costs about a model step divided by the number of blocks)."""
+
+    share: float = 0.7
+    lr: float = DEFAULT_BLOCK_LR
+    trainable: str = "decomposed"
+    batches: int = 16
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """``distill:``: weight of the block-output terms (``features``, 0 = the output only) and of the
+    logit distillation of a classification task (``output``); ``modules``: a regex of the modules to
+    match instead of the blocks holding decomposed layers; ``trainable``: ``all`` or ``decomposed``."""
+
+    features: float = 2.0
+    output: float = 1.0
+    modules: Optional[str] = None
+    trainable: str = "all"
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """``early_stopping:``: evaluate on the held-out split every ``every`` steps; stop after
+    ``patience`` evaluations without improvement, once ``after`` of the budget (steps or time) is
+    spent; keep the best weights. (A fine-tune often dips while its learning rate is high and
+    climbs as it decays: on the digits, stopping on patience alone lost to fine-tuning to the end.)"""
+
+    every: int = 25
+    patience: int = 5
+    after: float = 0.5
+
+
+@dataclass(frozen=True)
+class RecoveryOptions:
+    """What :func:`recover` does; None for a stage turns it off. See the module docstring.
+
+    The defaults are what ``benchmarks/bench_recovery.py --ablation`` measured best at equal
+    wall time (MiniLM at 50% FLOPs, the digits, ResNet-20; README, "Recovery after compression").
+    """
+
+    refit: Optional[RefitOptions] = field(default_factory=RefitOptions)
+    blockwise: Optional[BlockwiseOptions] = field(default_factory=BlockwiseOptions)
+    distill: Optional[DistillOptions] = field(default_factory=DistillOptions)
+    early_stopping: Optional[EarlyStopping] = field(default_factory=EarlyStopping)
+    finetune_steps: Optional[int] = None
+    finetune_time: Optional[float] = None
+    lr: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, value: Union[Mapping, None, "RecoveryOptions"], source: str = "training") -> "RecoveryOptions":
+        """Options from a ``training:`` mapping (only :data:`RECOVERY_KEYS`); defaults for missing keys.
+
+        Raises :class:`RecoveryError` naming the first bad key (``source.key``) and its value.
+        """
+        if isinstance(value, RecoveryOptions):
+            return value
+        if value is None:
+            return cls()
+        if not isinstance(value, Mapping):
+            raise RecoveryError(f"{source}: expected a mapping with some of the keys {list(RECOVERY_KEYS)}, got {value!r}")
+        unknown = sorted(set(value) - set(RECOVERY_KEYS))
+        if unknown:
+            raise RecoveryError(f"{source}: unknown key(s) {unknown}; recovery options are {list(RECOVERY_KEYS)}")
+        d = cls()
+        return cls(
+            refit=_refit_options(value.get("refit", True), f"{source}.refit") if "refit" in value else d.refit,
+            blockwise=_blockwise_options(value["blockwise"], f"{source}.blockwise") if "blockwise" in value else d.blockwise,
+            distill=_distill_options(value["distill"], f"{source}.distill") if "distill" in value else d.distill,
+            early_stopping=_early_options(value["early_stopping"], f"{source}.early_stopping")
+            if "early_stopping" in value else d.early_stopping,
+            finetune_steps=_steps(value.get("finetune_steps"), f"{source}.finetune_steps"),
+            finetune_time=None if value.get("finetune_time") is None else parse_duration(value["finetune_time"], f"{source}.finetune_time"),
+            lr=_positive(value.get("lr"), f"{source}.lr", allow_none=True),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``training:`` form (round-trips through :meth:`from_dict`)."""
+        return {
+            "refit": False if self.refit is None else asdict(self.refit),
+            "blockwise": False if self.blockwise is None else asdict(self.blockwise),
+            "distill": False if self.distill is None else asdict(self.distill),
+            "early_stopping": False if self.early_stopping is None else asdict(self.early_stopping),
+            "finetune_steps": self.finetune_steps,
+            "finetune_time": self.finetune_time,
+            "lr": self.lr,
+        }
+
+
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise RecoveryError(f"{where}: expected true or false, got {v!r}")
+    return v
+
+
+def _positive(v: Any, where: str, *, allow_none: bool = False, allow_zero: bool = False) -> Optional[float]:
+    if v is None and allow_none:
+        return None
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    if not ok or float(v) < 0 or (float(v) == 0 and not allow_zero):
+        need = "a number >= 0" if allow_zero else "a positive number"
+        raise RecoveryError(f"{where}: expected {need}{' or null' if allow_none else ''}, got {v!r}")
+    return float(v)
+
+
+def _int(v: Any, where: str, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise RecoveryError(f"{where}: expected an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _steps(v: Any, where: str) -> Optional[int]:
+    return None if v is None else _int(v, where, 0)
+
+
+def _keys(v: Mapping, known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(v) - set(known))
+    if unknown:
+        raise RecoveryError(f"{where}: unknown key(s) {unknown}; expected some of {list(known)}")
+
+
+def _refit_options(v: Any, where: str) -> Optional[RefitOptions]:
+    if v is False or v is None:
+        return None
+    if v is True:
+        return RefitOptions()
+    if not isinstance(v, Mapping):
+        raise RecoveryError(f"{where}: expected true, false or {{ridge: R, low_rank: true, batches: N}}, got {v!r}")
+    _keys(v, ("ridge", "low_rank", "batches"), where)
+    d = RefitOptions()
+    return RefitOptions(
+        ridge=_positive(v.get("ridge", d.ridge), f"{where}.ridge", allow_zero=True),
+        low_rank=_bool(v.get("low_rank", d.low_rank), f"{where}.low_rank"),
+        batches=_int(v.get("batches", d.batches), f"{where}.batches", 1),
+    )
+
+
+def _blockwise_options(v: Any, where: str) -> Optional[BlockwiseOptions]:
+    if v is False or v is None:
+        return None
+    if v is True:
+        return BlockwiseOptions()
+    if not isinstance(v, Mapping):
+        raise RecoveryError(f"{where}: expected true, false or {{share: S, lr: LR, trainable: decomposed, batches: N}}, got {v!r}")
+    _keys(v, ("share", "lr", "trainable", "batches"), where)
+    d = BlockwiseOptions()
+    share = _positive(v.get("share", d.share), f"{where}.share")
+    if share >= 1:
+        raise RecoveryError(f"{where}.share: expected a fraction in (0, 1), got {v.get('share')!r}")
+    trainable = v.get("trainable", d.trainable)
+    if trainable not in TRAINABLE:
+        raise RecoveryError(f"{where}.trainable: expected one of {list(TRAINABLE)}, got {trainable!r}")
+    return BlockwiseOptions(share=share, lr=_positive(v.get("lr", d.lr), f"{where}.lr"), trainable=trainable,
+                            batches=_int(v.get("batches", d.batches), f"{where}.batches", 1))
+
+
+def _distill_options(v: Any, where: str) -> Optional[DistillOptions]:
+    if v is False or v is None:
+        return DistillOptions(features=0.0)
+    if v is True:
+        return DistillOptions()
+    if not isinstance(v, Mapping):
+        raise RecoveryError(f"{where}: expected true, false or {{features: W, output: W, trainable: all, modules: REGEX}}, got {v!r}")
+    _keys(v, ("features", "output", "trainable", "modules"), where)
+    d = DistillOptions()
+    trainable = v.get("trainable", d.trainable)
+    if trainable not in TRAINABLE:
+        raise RecoveryError(f"{where}.trainable: expected one of {list(TRAINABLE)}, got {trainable!r}")
+    modules = v.get("modules")
+    if modules is not None:
+        if not isinstance(modules, str):
+            raise RecoveryError(f"{where}.modules: expected a regular expression or null, got {modules!r}")
+        try:
+            re.compile(modules)
+        except re.error as exc:
+            raise RecoveryError(f"{where}.modules: {modules!r} is not a valid regular expression ({exc})") from None
+    return DistillOptions(
+        features=_positive(v.get("features", d.features), f"{where}.features", allow_zero=True),
+        output=_positive(v.get("output", d.output), f"{where}.output", allow_zero=True),
+        modules=modules,
+        trainable=trainable,
+    )
+
+
+def _early_options(v: Any, where: str) -> Optional[EarlyStopping]:
+    if v is False or v is None:
+        return None
+    if v is True:
+        return EarlyStopping()
+    if not isinstance(v, Mapping):
+        raise RecoveryError(f"{where}: expected true, false or {{every: N, patience: P, after: F}}, got {v!r}")
+    _keys(v, ("every", "patience", "after"), where)
+    d = EarlyStopping()
+    after = _positive(v.get("after", d.after), f"{where}.after", allow_zero=True)
+    if after > 1:
+        raise RecoveryError(f"{where}.after: expected a fraction of the budget in [0, 1], got {v.get('after')!r}")
+    return EarlyStopping(every=_int(v.get("every", d.every), f"{where}.every", 1),
+                         patience=_int(v.get("patience", d.patience), f"{where}.patience", 1), after=after)
+
+
+_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any, where: str = "finetune_time") -> float:
+    """Seconds from ``90``, ``"90s"``, ``"5m"``, ``"1.5h"`` (RecoveryError naming ``where`` otherwise)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)?\s*", str(value)) if isinstance(value, str) else None
+        if m is None:
+            raise RecoveryError(f"{where}: expected a duration such as 90s, 5m or 1h (or seconds), got {value!r}")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise RecoveryError(f"{where}: expected a positive duration, got {value!r}")
+    return seconds
+
+
+# ---------------------------------------------------------------------- report
+@dataclass
+class RecoveryReport:
+    """What :func:`recover` did (JSON-able with :meth:`to_dict`; the search keeps it in the trial record).
+
+    ``zero_shot``: the held-out score before recovery. ``refit``: the per-layer
+    report, the score after it and whether it was kept. ``blockwise``: per block the
+    loss before and after, steps and seconds, the score after it and whether it was
+    kept. ``finetune``: steps taken,
+    seconds, the step whose weights were kept (``best_step``, 0 = the starting
+    weights), whether early stopping ended it, why it stopped (``steps``, ``time``,
+    ``patience``, ``diverged``: a non-finite loss, weights or outputs), the
+    evaluations ``[[step, score], ...]`` (score None where it diverged). ``score``: the final
+    held-out score; ``seconds``: the whole recovery.
+    """
+
+    zero_shot: float
+    score: float = float("nan")
+    seconds: float = 0.0
+    refit: Optional[dict[str, Any]] = None
+    blockwise: Optional[dict[str, Any]] = None
+    finetune: Optional[dict[str, Any]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"zero_shot": self.zero_shot, "score": self.score, "seconds": self.seconds,
+                "refit": self.refit, "blockwise": self.blockwise, "finetune": self.finetune}
+
+
+# ---------------------------------------------------------------------- recover
+def supports_control(task: Any) -> bool:
+    """Whether ``task.finetune`` takes a ``control`` (a built-in task, or one written like them)."""
+    try:
+        return "control" in inspect.signature(task.finetune).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _refit_inputs(task: Any, batches: int) -> Any:
+    """``task.training_inputs(batches)`` when the task has it, else ``task.calibration_inputs()``."""
+    fn = getattr(task, "training_inputs", None)
+    return fn(batches) if callable(fn) else task.calibration_inputs()
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _score(task: Any, model: nn.Module) -> float:
+    with torch.no_grad():
+        value = task.evaluate(model)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise RecoveryError(f"the task's evaluate() returned {value!r}, expected a finite float")
+    return float(value)
+
+
+class _Tracker:
+    """Evaluations on the held-out split during a fine-tune: the best weights, patience, the time budget."""
+
+    def __init__(self, task: Any, model: nn.Module, start_score: float, early: Optional[EarlyStopping],
+                 deadline: Optional[float], horizon: Optional[int] = None):
+        self.task, self.model, self.early, self.deadline, self.horizon = task, model, early, deadline, horizon
+        self.t0 = time.perf_counter()
+        self.best_score, self.best_step = start_score, 0
+        self.best_state = _state(model)
+        self.evaluations: list[list] = [[0, start_score]]
+        self.bad = 0
+        self.stopped_by = ""
+        self.last_evaluated = 0
+
+    def evaluate(self, step: int) -> None:
+        try:
+            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                raise TaskError("non-finite weights")
+            score = _score(self.task, self.model)
+        except TaskError as exc:  # it scored the starting weights: the fine-tune broke the model (NaN outputs...)
+            logger.info("fine-tune diverged at step %d (%s): the best weights so far are kept", step, exc)
+            self.evaluations.append([step, None])  # no score (JSON-able); never the best
+            self.last_evaluated = step
+            self.stopped_by = "diverged"
+            return
+        self.evaluations.append([step, score])
+        self.last_evaluated = step
+        if score > self.best_score:
+            self.best_score, self.best_step, self.bad = score, step, 0
+            self.best_state = _state(self.model)
+        else:
+            self.bad += 1
+
+    def progress(self, step: int) -> float:
+        """The share of the budget spent: the larger of the shares of steps and of time."""
+        done = step / self.horizon if self.horizon else 0.0
+        if self.deadline is not None:
+            done = max(done, (time.perf_counter() - self.t0) / max(1e-9, self.deadline - self.t0))
+        return done
+
+    def __call__(self, step: int) -> bool:
+        """After optimizer step ``step``: evaluate on schedule; True to stop."""
+        if self.early is not None and step % self.early.every == 0:
+            self.evaluate(step)
+            if self.stopped_by == "diverged":
+                return True
+            if self.bad >= self.early.patience and self.progress(step) >= self.early.after:
+                self.stopped_by = "patience"
+                return True
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.stopped_by = "time"
+            return True
+        return False
+
+
+def recover(
+    original: nn.Module,
+    compressed: nn.Module,
+    task: Any,
+    options: Union[RecoveryOptions, Mapping, None] = None,
+    *,
+    steps: Optional[int] = None,
+    time_s: Optional[float] = None,
+    seed: int = 0,
+    calibration: Any = None,
+    zero_shot_score: Optional[float] = None,
+) -> tuple[nn.Module, RecoveryReport]:
+    """Re-fit then fine-tune ``compressed`` (in place) with ``options``; the model and a :class:`RecoveryReport`.
+
+    ``original``: the model ``compressed`` was decomposed from (the re-fit targets
+    and the distillation teacher; its weights are not changed). ``task``: any task
+    (``setup(original)`` already called, as the search does). ``steps`` /
+    ``time_s``: the fine-tuning budget per plan, overriding
+    ``options.finetune_steps`` / ``options.finetune_time``; with neither, the task's
+    ``default_finetune_steps`` or 100; with only a time, steps are unbounded and the
+    time (re-fit included) ends the fine-tune. ``calibration``: inputs for the
+    re-fit and the block-wise stage (default: ``task.training_inputs(batches)``,
+    else ``task.calibration_inputs()``). ``zero_shot_score``: the
+    held-out score of ``compressed`` if already known (saves one evaluation). The
+    result is never worse on the held-out split than ``compressed`` was: a re-fit
+    that lowers the score is undone, and the fine-tune keeps its best evaluated
+    weights (the starting ones included).
+    """
+    opts = RecoveryOptions.from_dict(options)
+    device = torch.device(getattr(task, "device", "cpu") or "cpu")
+    compressed.to(device).eval()
+    zero = float(zero_shot_score) if zero_shot_score is not None else _score(task, compressed)
+    t0 = time.perf_counter()  # the budget counts from here
+    report = RecoveryReport(zero_shot=zero, score=zero)
+    time_budget = time_s if time_s is not None else opts.finetune_time
+    if time_budget is not None and not (float(time_budget) > 0):
+        raise RecoveryError(f"recover: time_s must be a positive number of seconds, got {time_budget!r}")
+    if steps is None:
+        steps = opts.finetune_steps
+    if steps is None:
+        steps = None if time_budget is not None else int(getattr(task, "default_finetune_steps", 100))
+    elif isinstance(steps, bool) or int(steps) < 0:
+        raise RecoveryError(f"recover: steps must be an integer >= 0, got {steps!r}")
+    deadline = t0 + float(time_budget) if time_budget is not None else None
+    current = zero
+
+    # ---- 1. re-fit
+    if opts.refit is not None:
+        inputs = calibration if calibration is not None else _refit_inputs(task, opts.refit.batches)
+        before = _state(compressed)
+        rep = refit(original, compressed, inputs, ridge=opts.refit.ridge, low_rank=opts.refit.low_rank)
+        score = _score(task, compressed)
+        kept = score >= current
+        if not kept:
+            compressed.load_state_dict(before)
+            logger.info("refit lowered the held-out score (%.4f -> %.4f): undone", current, score)
+        else:
+            current = score
+        report.refit = {**rep.to_dict(), "score": score, "kept": kept}
+
+    # ---- 2. block-wise reconstruction, a share of the budget
+    bw = opts.blockwise
+    if bw is not None and (steps is None or steps > 0) and (deadline is None or time.perf_counter() < deadline):
+        block_steps = max(1, round(bw.share * steps)) if steps is not None else 10**9
+        block_time = None if deadline is None else bw.share * (deadline - time.perf_counter())
+        inputs = calibration if calibration is not None else _refit_inputs(task, bw.batches)
+        before = _state(compressed)
+        rep_b = reconstruct_blocks(original, compressed, inputs, steps=block_steps, lr=bw.lr, trainable=bw.trainable,
+                                   time_s=block_time, seed=seed,
+                                   max_time_s=None if deadline is None else min(deadline - time.perf_counter(), 1.25 * block_time))
+        score = _score(task, compressed) if rep_b.blocks else current
+        kept = score >= current
+        if not kept:
+            compressed.load_state_dict(before)
+            logger.info("block-wise reconstruction lowered the held-out score (%.4f -> %.4f): undone", current, score)
+        else:
+            current = score
+        report.blockwise = {**rep_b.to_dict(), "score": score, "kept": kept}
+        if steps is not None:
+            steps = max(0, steps - block_steps)
+
+    # ---- 3. fine-tune end to end
+    if (steps is None or steps > 0) and (deadline is None or time.perf_counter() < deadline):
+        report.finetune = _finetune(original, compressed, task, opts, steps, deadline, seed, current)
+        current = report.finetune["score"]
+    report.score = current
+    report.seconds = time.perf_counter() - t0
+    compressed.eval()
+    return compressed, report
+
+
+def _diverged(model: nn.Module, exc: Exception) -> bool:
+    """A fine-tune that blew up: non-finite weights, or the tasks' non-finite loss error."""
+    return "became" in str(exc) or not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _finetune(original: nn.Module, model: nn.Module, task: Any, opts: RecoveryOptions, steps: Optional[int],
+              deadline: Optional[float], seed: int, start_score: float) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    horizon = int(steps) if steps is not None else 10**9
+    tracker = _Tracker(task, model, start_score, opts.early_stopping, deadline, None if steps is None else horizon)
+    distill = opts.distill or DistillOptions(features=0.0)
+    out: dict[str, Any] = {"budget_steps": steps, "budget_time_s": None if deadline is None else deadline - t0}
+    torch.manual_seed(seed)
+    if supports_control(task):
+        control = FinetuneControl(
+            features=distill.features, output=distill.output, modules=distill.modules, teacher=original,
+            trainable=distill.trainable, lr=opts.lr, callback=tracker,
+            time_s=None if deadline is None else max(1e-3, deadline - time.perf_counter()),
+        )
+        try:
+            task.finetune(model, horizon, seed=seed, control=control)
+        except TaskError as exc:
+            if not _diverged(model, exc):
+                raise
+            tracker.stopped_by = "diverged"
+        done = control.steps_done
+        stopped = tracker.stopped_by or control.stopped_by
+        out["distill"] = asdict(distill)
+    else:
+        if distill.features > 0 or distill.trainable != "all" or opts.lr is not None:
+            logger.warning("task %s: its finetune() takes no control: feature distillation, trainable and lr options "
+                           "are not applied (early stopping and the budget are)", getattr(task, "name", type(task).__name__))
+        chunk = opts.early_stopping.every if opts.early_stopping is not None else horizon
+        done, k, stopped = 0, 0, ""
+        while done < horizon:
+            n = min(chunk, horizon - done)
+            if deadline is not None and steps is None and opts.early_stopping is None:
+                n = min(n, 25)  # a time budget without early stopping still checks the clock
+            try:
+                task.finetune(model, n, seed=seed + k)
+            except TaskError as exc:
+                if not _diverged(model, exc):
+                    raise
+                stopped, done = "diverged", done + n
+                break
+            done, k = done + n, k + 1
+            if opts.early_stopping is not None and tracker(done):
+                stopped = tracker.stopped_by
+                break
+            if deadline is not None and time.perf_counter() >= deadline:
+                stopped = "time"
+                break
+        stopped = stopped or "steps"
+        out["distill"] = None
+    if tracker.last_evaluated != done and done > 0 and stopped != "diverged":
+        tracker.evaluate(done)
+    if tracker.best_step != done:
+        model.load_state_dict(tracker.best_state)
+    model.eval()
+    out.update({
+        "steps": int(done),
+        "seconds": time.perf_counter() - t0,
+        "best_step": int(tracker.best_step),
+        "early_stopped": stopped == "patience",
+        "stopped_by": stopped,
+        "evaluations": tracker.evaluations,
+        "score": tracker.best_score,
+        "start_score": start_score,
+    })
+    return out
