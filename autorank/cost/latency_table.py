@@ -37,6 +37,7 @@ logger = logging.getLogger("autorank")
 
 __all__ = [
     "LatencyTable",
+    "STATISTICS",
     "default_table_dir",
     "layer_signature",
     "model_signature",
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 _FORMAT = "autorank-latency-table"
+#: what a table may read of a timing: the median of the samples, or the fastest sample (the latency of an idle device:
+#: on a shared machine the other processes only ever add time, see autorank.cost.timing.measure)
+STATISTICS = ("median", "min")
 _FORMAT_VERSION = 1
 
 
@@ -183,10 +187,15 @@ class LatencyTable:
         clock: str = "wall",
         device_name_override: Optional[str] = None,
         torch_version: Optional[str] = None,
+        statistic: str = "median",
     ) -> None:
         """``device_name_override`` and ``torch_version`` name a configuration other than this
         machine's, to read a table measured elsewhere (see :meth:`open`); such a table cannot be
-        added to here."""
+        added to here. ``statistic``: what :meth:`get` returns of each entry's timing, ``median``
+        or ``min`` (every entry keeps both: it is a reading, not part of the validity key)."""
+        if statistic not in STATISTICS:
+            raise LatencyError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+        self.statistic = statistic
         self.device = str(device)
         if device_name_override is not None:
             self.device_name = device_name_override
@@ -236,7 +245,8 @@ class LatencyTable:
 
     @classmethod
     def from_dict(
-        cls, data: Mapping[str, Any], directory: Union[str, os.PathLike, None] = None, *, expected_path: Optional[Path] = None
+        cls, data: Mapping[str, Any], directory: Union[str, os.PathLike, None] = None, *, expected_path: Optional[Path] = None,
+        statistic: str = "median",
     ) -> "LatencyTable":
         """A table from :meth:`to_dict` (e.g. returned by :func:`profile_latency_job` on another machine).
 
@@ -250,7 +260,7 @@ class LatencyTable:
             table = cls(
                 directory, device=str((data.get("measured_on") or {}).get("device", "cpu")), dtype=v["dtype"],
                 threads=int(v["threads"]), batch_size=int(v["batch_size"]), clock=v.get("clock", "wall"),
-                device_name_override=str(v["device_name"]), torch_version=str(v["torch"]),
+                device_name_override=str(v["device_name"]), torch_version=str(v["torch"]), statistic=statistic,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LatencyError(f"{where}: malformed validity key {dict(v)!r}: {exc}") from None
@@ -400,7 +410,11 @@ class LatencyTable:
         ``module_or_spec``: the layer, its LayerSpec, or a signature from :func:`layer_signature`.
         """
         hit = self.entries.get(self._key_of(module_or_spec, input_shape, method, rank))
-        return None if hit is None else float(hit["median"])
+        return None if hit is None else self._value(hit)
+
+    def _value(self, record: Mapping[str, Any]) -> float:
+        """The table's statistic of one recorded timing (records of a bare number have only a median)."""
+        return float(record.get(self.statistic, record["median"]))
 
     def put(
         self,
@@ -422,7 +436,7 @@ class LatencyTable:
     def get_model(self, signature: str) -> Optional[float]:
         """Median latency (s) of a whole model recorded under ``signature`` (see :func:`model_signature`)."""
         hit = self.models.get(signature)
-        return None if hit is None else float(hit["median"])
+        return None if hit is None else self._value(hit)
 
     def put_model(self, signature: str, timing: Union[Timing, float]) -> None:
         self.models[signature] = timing.to_dict() if isinstance(timing, Timing) else {"median": float(timing)}
@@ -483,7 +497,7 @@ class LatencyTable:
             concrete = m.resolve_rank(module, rank, shape)
         key = self._key_of(module, shape, None if m is None else m.name, concrete)
         if not force and key in self.entries:
-            return float(self.entries[key]["median"])
+            return self._value(self.entries[key])
         dev = self._check_can_measure()
         if m is None:
             layer = _dense_copy(module)
@@ -501,18 +515,18 @@ class LatencyTable:
         logger.debug("latency %s %s %s: %s", layer_signature(module, shape), m.name if m else "dense", rank_text(concrete), timing)
         if save:
             self.save()
-        return timing.median
+        return self._value(timing.to_dict())
 
     def measure_model(self, model: nn.Module, inputs: Any, signature: str, *, force: bool = False, save: bool = True) -> float:
         """Median latency (s) of the whole ``model`` on ``inputs``, recorded under ``signature``."""
         if not force and signature in self.models:
-            return float(self.models[signature]["median"])
+            return self._value(self.models[signature])
         timing = self._model_timing(model, inputs)
         self.measurements += 1
         self.put_model(signature, timing)
         if save:
             self.save()
-        return timing.median
+        return self._value(timing.to_dict())
 
     def _model_timing(self, model: nn.Module, inputs: Any) -> Timing:
         dev = self._check_can_measure()

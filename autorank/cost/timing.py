@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +24,10 @@ from torch import nn
 from autorank._format import format_seconds
 from autorank.errors import AutorankError
 
-__all__ = ["DeviceError", "LatencyError", "Timing", "measure", "device_name", "resolve_device", "combine_timings"]
+__all__ = [
+    "DeviceError", "LatencyError", "Timing", "measure", "measure_side_by_side", "device_name", "resolve_device",
+    "combine_timings", "default_threads",
+]
 
 #: a timed sample on CPU/GPU is at least this long: tiny layers are called several times per sample
 _TARGET_SAMPLE_S = 1e-3
@@ -80,6 +84,45 @@ def _cpu_model_name() -> str:
                 ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
             ).stdout.strip()
     return name or f"unknown {platform.machine() or 'cpu'}"
+
+
+@functools.lru_cache(maxsize=1)
+def _physical_cores() -> int:
+    """Physical cores this process may run on (/proc/cpuinfo's core ids within the affinity mask), else logical CPUs."""
+    try:
+        allowed = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        allowed = set(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    try:
+        proc = phys = core = None
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in [*f, ""]:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    proc = int(value)
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id":
+                    core = value
+                elif not key:  # end of one processor's block
+                    if proc is not None and proc in allowed:
+                        cores.add((phys or "0", core if core is not None else str(proc)))
+                    proc = phys = core = None
+    except (OSError, ValueError):
+        pass
+    return max(1, len(cores) or len(allowed))
+
+
+def default_threads() -> int:
+    """The machine's default number of CPU threads for latency: its physical cores (torch's own default).
+
+    Not ``torch.get_num_threads()``, which a process may have lowered (a Ray
+    worker runs with ``OMP_NUM_THREADS`` set to the CPUs it reserved; test suites
+    set one thread): a latency target means the machine as deployed.
+    """
+    return _physical_cores()
 
 
 def device_name(device: Union[str, torch.device, None] = "cpu") -> str:
@@ -347,3 +390,35 @@ def combine_timings(timings: Sequence[Timing]) -> Timing:
         max=max(t.max for t in timings), repeats=sum(t.repeats for t in timings), warmup=first.warmup,
         threads=first.threads, device=first.device, batch_size=first.batch_size, number=first.number, clock=first.clock,
     )
+
+
+def measure_side_by_side(
+    modules: Mapping[Any, nn.Module],
+    inputs: Any,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    threads: Optional[int] = None,
+    rounds: int = 5,
+    warmup: int = 3,
+    repeats: int = 10,
+    min_time: float = 0.05,
+    clock: str = "wall",
+) -> dict[Any, Timing]:
+    """Time several modules on the same inputs, interleaved: ``rounds`` rounds, each timing every module once.
+
+    The order of the modules rotates from round to round, and each module's
+    statistics are the medians over its rounds (:func:`combine_timings`): a slow
+    or fast moment of a shared machine falls on every module alike instead of
+    deciding one of them. This is how the search compares front members with the
+    original (their ratio is the speed-up it reports).
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise LatencyError(f"rounds must be a positive integer, got {rounds!r}")
+    keys = list(modules)
+    per: dict[Any, list[Timing]] = {k: [] for k in keys}
+    for i in range(rounds):
+        shift = i % len(keys) if keys else 0
+        for k in keys[shift:] + keys[:shift]:
+            per[k].append(measure(modules[k], inputs, device=device, warmup=warmup, repeats=repeats, threads=threads,
+                                  min_time=min_time, clock=clock))
+    return {k: combine_timings(v) for k, v in per.items()}
