@@ -50,6 +50,10 @@ class FrontMember:
     latency_estimated_s: Optional[float] = None
     latency_measured_s: Optional[float] = None
     weights: Optional[str] = None
+    #: the original's measured latency over this member's, measured side by side on the target
+    speedup: Optional[float] = None
+    #: True when the re-measured latency breaks the run's latency budget (None: no latency budget or not measured)
+    latency_breach: Optional[bool] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,12 +61,13 @@ class FrontMember:
             "flops": self.flops, "params": self.params, "flops_ratio": self.flops_ratio, "params_ratio": self.params_ratio,
             "cost_ratio": self.cost_ratio, "summary": self.summary, "origin": self.origin,
             "latency_estimated_s": self.latency_estimated_s, "latency_measured_s": self.latency_measured_s,
+            "speedup": self.speedup, "latency_breach": self.latency_breach,
             "weights": self.weights, "plan": self.plan.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FrontMember":
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["plan"] = Plan.from_dict(d["plan"])
         return cls(**d)
 
@@ -80,18 +85,21 @@ class SearchResult:
     trials: list[dict[str, Any]]
     wasted_fraction: float
     original_latency_s: Optional[float] = None
+    #: where the front was re-measured: device, batch size, threads, the device's name, the node (see search/latency.py)
+    latency: Optional[dict[str, Any]] = None
     model: Optional[nn.Module] = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ summaries
     @property
     def best(self) -> Optional[FrontMember]:
-        """The front member with the highest score (all members meet the budget)."""
-        return max(self.front, key=lambda m: m.score) if self.front else None
+        """The front member with the highest score among those whose re-measured latency keeps the budget."""
+        within = [m for m in self.front if not m.latency_breach]
+        return max(within, key=lambda m: m.score) if within else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget": self.budget, "cost_metric": self.cost_metric, "base_score": self.base_score,
-            "original": self.original, "original_latency_s": self.original_latency_s,
+            "original": self.original, "original_latency_s": self.original_latency_s, "latency": self.latency,
             "wasted_fraction": self.wasted_fraction, "trials": len(self.trials),
             "front": [m.to_dict() for m in self.front],
         }
@@ -169,7 +177,8 @@ class SearchResult:
              max_params: Optional[float] = None, max_latency: Optional[float] = None, min_score: Optional[float] = None) -> FrontMember:
         """A front member by trial number or by rule (``smallest``, ``best``, ``knee``) among those meeting the limits.
 
-        ``max_flops``/``max_params``: fractions of the original; ``max_latency``: seconds (measured).
+        ``max_flops``/``max_params``: fractions of the original; ``max_latency``: seconds (measured). A rule
+        never picks a member whose re-measured latency breaks the run's latency budget (``latency_breach``).
         """
         if not self.front:
             raise PickError(f"{self.run_dir}: the front is empty (no finished trial within the budget)")
@@ -180,6 +189,8 @@ class SearchResult:
             raise PickError(f"unknown pick {how!r}; expected one of {', '.join(PICKS)}")
         def ok(m: FrontMember) -> list[str]:
             bad = []
+            if m.latency_breach:
+                bad.append(f"re-measured latency {m.latency_measured_s * 1e3:.3g} ms breaks the budget {self.budget}")
             if max_flops is not None and m.flops_ratio > max_flops:
                 bad.append(f"FLOPs {m.flops_ratio:.0%}")
             if max_params is not None and m.params_ratio > max_params:
@@ -214,7 +225,7 @@ class SearchResult:
             run_dir=rd.path, budget=data["budget"], cost_metric=data["cost_metric"], base_score=data["base_score"],
             original=data["original"], front=[FrontMember.from_dict(m) for m in data["front"]],
             trials=list(rd.trial_records().values()), wasted_fraction=data["wasted_fraction"],
-            original_latency_s=data.get("original_latency_s"),
+            original_latency_s=data.get("original_latency_s"), latency=data.get("latency"),
         )
 
 

@@ -15,6 +15,7 @@ and the front reports their fine-tuned scores.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -36,7 +37,7 @@ from autorank.search.allocate import Sensitivity, cheapest_plan, describe_plan, 
 from autorank.search.executor_base import BaseExecutor, InProcessExecutor, run_one
 from autorank.search.finetune_stage import finetune_stage, materialize_front
 from autorank.search.identity import model_identity, task_identity
-from autorank.search.latency import latency_table_for, measure_front
+from autorank.search.latency import ALIGN_MODES, LatencyTarget, latency_table_for, measure_front
 from autorank.search.params import DEFAULT_SAMPLER, SAMPLERS, choice_to_params, make_sampler, suggest
 from autorank.search.result import build_front
 from autorank.search.rundir import RunDir
@@ -73,6 +74,10 @@ def search(
     measure_latency: bool = True,
     sensitivity: Union[Sensitivity, str, Path, None] = None,
     local_every: int = 3,
+    device: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    threads: Optional[int] = None,
+    align: Union[str, int, None] = "auto",
 ):
     """Search per-layer methods and ranks for ``model`` under ``budget``; returns a :class:`SearchResult`.
 
@@ -90,6 +95,15 @@ def search(
     ``sensitivity.json`` of an earlier run of the same model and task) instead of
     measuring it. ``local_every``: after this many sampler trials, one local move
     around the best plan so far (0: none; only with ``warm_start``).
+
+    ``device``, ``batch_size``, ``threads``: the target latency is measured on
+    (a latency budget's table, the front's re-measurement); default the task's
+    device, batch 1 and the target machine's default threads. With a Ray
+    executor both measurements run as Ray tasks on a node with that device and
+    the executor's ``resources``. ``align``: ``auto`` (ranks snapped to the
+    device's latency steps under a latency budget, unless the space fixes a
+    multiple), ``device`` (the same under any budget: measures the table),
+    ``none``, or a multiple such as 8 (overrides the space's).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t_start = time.perf_counter()
@@ -104,6 +118,7 @@ def search(
         raise SearchError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     space = SearchSpace.load(space)
+    space, align = _apply_align(space, align)
 
     model_spec = model if isinstance(model, str) else None
     if isinstance(model, str):
@@ -113,6 +128,11 @@ def search(
     task_spec = task if isinstance(task, str) else None
     task = load_task(task, model_spec or model.__dict__.get(SPEC_ATTR))
     steps = int(finetune_steps if finetune_steps is not None else getattr(task, "default_finetune_steps", 100))
+    target = LatencyTarget.make(device, batch_size, threads, task)
+    needs_table = budget.needs_latency or (align == "device" and space.align is None)
+    executor = executor or InProcessExecutor()
+    if needs_table or measure_latency:  # a device this machine (or the cluster) lacks fails now, not after the trials
+        _or_close(executor, executor.check_latency_target, target.device, target.threads)
 
     run = RunDir(out if out is not None else tempfile.mkdtemp(prefix="autorank-run-"))
     settings = {
@@ -126,6 +146,7 @@ def search(
         "finetune": finetune,
         "finetune_steps": steps,
         "warm_start": bool(warm_start),
+        "latency": {**target.to_dict(), "align": align},
         "autorank_version": _version(),
     }
     resuming = run.prepare(settings)
@@ -144,20 +165,26 @@ def search(
             f"({len(profile.layers)} candidate layers, none allowed by the space's layer rules and methods)"
         )
     check_reachable(budget, profile, space.decomposable_methods())
-    latency = None
-    if budget.needs_latency:
-        latency = latency_table_for(original, profile, choices, task, space, emit)
-    cost = CostModel(profile, budget, space.align, latency)
+    latency = ranks = None
+    if needs_table:
+        table, base_latency, choices, ranks = _or_close(executor, latency_table_for, original, profile, choices, task, space, emit,
+                                                        target=target, executor=executor, run=run, budget=budget, align=align)
+        latency = (table, base_latency)
+        if not choices:
+            executor.close()
+            raise NotApplicableError(f"{type(original).__name__}: no replacement in search space {space.source} is faster than "
+                                     f"its dense layer on {table.device_name} (latency break-even)")
+    cost = CostModel(profile, budget, space.align, latency, ranks=ranks.ranks if ranks is not None else None)
     cheapest = cheapest_plan(choices, cost)
     if not cost.fits(cost.costs(cheapest)):
         reached = ", ".join(f"{m} {100 * v:.1f}%" for m, v in cost.ratios(cost.costs(cheapest)).items())
+        executor.close()
         raise BudgetError(
             f"budget {budget.text()!r} cannot be met by any plan of search space {space.source}: "
             f"the cheapest plan reaches {reached} of the original"
         )
 
     # ---- workers
-    executor = executor or InProcessExecutor()
     calibrate = [n for n in choices if any(registry.get(m).data_aware for m in choices[n].methods if m != "none")]
     cache_dir = str(cache_dir) if cache_dir is not None else str(run.path / "factor-cache")
     executor.start(original, task, calibrate=calibrate, cache_dir=cache_dir, setup=False,
@@ -186,14 +213,36 @@ def search(
         finetune_stage(study, run, executor, finetune, steps, seed, model_spec, emit, t_start, space.training)
         result = build_front(run, study, cost, budget, base)
         materialize_front(result, run, executor, model_spec)
+        executor.release_workers()  # the target is idle while the front is measured
+        if measure_latency and result.front:
+            measure_front(result, original, task, target=target, executor=executor, budget=budget,
+                          table_info=run.read_json("latency.json"))
     finally:
         executor.close()
-    if measure_latency:
-        measure_front(result, original, example, task)
     result.write()
     emit({"phase": "done", "elapsed_s": time.perf_counter() - t_start, "front_size": len(result.front)})
     result.model = original
     return result
+
+
+def _or_close(ex: BaseExecutor, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+    """``fn(...)``, closing the executor ``ex`` (a Ray connection it opened) if it raises before the trials start."""
+    try:
+        return fn(*args, **kwargs)
+    except BaseException:
+        ex.close()
+        raise
+
+
+def _apply_align(space: SearchSpace, align: Union[str, int, None]) -> tuple[SearchSpace, str]:
+    """The space with an explicit multiple applied, and the alignment mode (auto, device, none, or fixed)."""
+    if align is None or align == "none":
+        return dataclasses.replace(space, align=None), "none"
+    if isinstance(align, int) and not isinstance(align, bool) and align >= 1:
+        return dataclasses.replace(space, align=int(align)), "fixed"
+    if align not in ALIGN_MODES:
+        raise SearchError(f"align must be auto, device, none or a positive integer such as 8, got {align!r}")
+    return space, ("fixed" if space.align else align)
 
 
 def _version() -> str:
