@@ -26,6 +26,9 @@ SEARCH_EXAMPLES = """examples:
   autorank search --model minilm --budget 40%flops --space transformer
   autorank search --model mymodel.py:build --task mytask.py:make_task --budget latency<=4ms
   autorank search --budget 30%flops --address auto --workers 8 --gpus-per-trial 0.5   # on a Ray cluster
+  autorank search --budget 50%latency --device cpu --threads 2                        # latency on this CPU, 2 threads
+  autorank search --budget latency<=4ms --device cuda --batch-size 32 --address auto \
+      --resources '{"accelerator_type:A100": 0.01}'        # latency table and front measured on an A100 node
 
 The same command run again resumes the run directory (no finished trial is redone).
 FLOPs follow fvcore's convention: one multiply-add = one FLOP."""
@@ -122,7 +125,8 @@ def cmd_search(args) -> int:
             args.model, args.task, budget=args.budget, space=space, trials=args.trials, out=out, seed=args.seed,
             sampler=args.sampler, finetune=args.finetune, finetune_steps=args.finetune_steps,
             warm_start=not args.no_warm_start, sensitivity_points=args.sensitivity_points, executor=executor, progress=prog,
-            cache_dir=args.cache_dir,
+            cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size, threads=args.threads,
+            align=_align(args.align),
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -148,17 +152,43 @@ def _resources(text: Optional[str]) -> Optional[dict]:
     return data
 
 
+def _align(text: Optional[str]):
+    if text is None:
+        return "auto"
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text in ("auto", "device", "none"):
+        return text
+    raise CLIError(f"--align {text!r}: expected auto, device, none or a multiple such as 8")
+
+
+def _speedup(m) -> str:
+    if not m.speedup:
+        return "-"
+    return f"{m.speedup:.2f}x" + (" [red]over budget[/]" if m.latency_breach else "")
+
+
 def _print_front(result, console) -> None:
     base = result.base_score
     t = Table(title=f"Pareto front — budget {result.budget} (base score {base:.4g}; FLOPs: one multiply-add = one FLOP)")
-    for col in ("trial", "methods", "score", "FLOPs", "params", "latency", "fine-tuned", "origin"):
+    for col in ("trial", "methods", "score", "FLOPs", "params", "latency", "speed-up", "fine-tuned", "origin"):
         t.add_column(col, overflow="fold")
     for m in result.front:
         t.add_row(str(m.trial), m.summary, f"{m.score:.4g}", pct(m.flops_ratio), pct(m.params_ratio),
-                  _ms(m.latency_measured_s), "yes" if m.finetuned else "no", m.origin)
+                  _ms(m.latency_measured_s), _speedup(m), "yes" if m.finetuned else "no", m.origin)
     console.print(t)
+    lat = result.latency or {}
     if result.original_latency_s:
-        console.print(f"original model latency: {_ms(result.original_latency_s)} (measured side by side, 1 thread)")
+        where = lat.get("measured_on") or {}
+        node = where.get("node_ip") or where.get("host")
+        console.print(f"original model latency: {_ms(result.original_latency_s)}; every latency measured end to end, side by side, "
+                      f"on {lat.get('device_name') or lat.get('device', '?')} ({lat.get('device', '?')}, batch {lat.get('batch_size', 1)}, "
+                      f"{lat.get('threads_used') or lat.get('threads') or '?'} threads{', node ' + str(node) if node else ''}); "
+                      "speed-up = original / member")
+    breaching = [m.trial for m in result.front if m.latency_breach]
+    if breaching:
+        console.print(f"[yellow]re-measured over the latency budget (never picked by --pick): trial(s) "
+                      f"{', '.join(map(str, breaching))}[/]")
 
 
 # ---------------------------------------------------------------------- front
@@ -254,6 +284,13 @@ def add_commands(sub) -> None:
     s.add_argument("--cache-dir", metavar="DIR", help="factor cache shared by the workers of a node (default RUN/factor-cache)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--device", metavar="DEV", help="where latency is measured (budget, table, front): cpu, cuda, cuda:N "
+                                                   "(default: the task's device); on Ray, a node with it")
+    s.add_argument("--batch-size", type=int, metavar="B", help="batch size of every latency measurement (default 1)")
+    s.add_argument("--threads", type=int, metavar="T", help="CPU threads of every latency measurement (default: the target "
+                                                            "machine's physical cores)")
+    s.add_argument("--align", metavar="MODE", help="rank alignment: auto (to the device's measured latency steps under a "
+                                                   "latency budget; default), device (under any budget), none, or a multiple such as 8")
     s.set_defaults(func=cmd_search)
 
     f = sub.add_parser("front", help="show a run's Pareto front and write pareto.png / pareto.html", epilog=FRONT_EXAMPLES,
