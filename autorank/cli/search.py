@@ -181,9 +181,11 @@ def _print_front(result, console) -> None:
     if result.original_latency_s:
         where = lat.get("measured_on") or {}
         node = where.get("node_ip") or where.get("host")
+        n = lat.get("threads_used") or lat.get("threads")
+        threads = f"{n} thread{'' if n == 1 else 's'}" if n else "default threads"
         console.print(f"original model latency: {_ms(result.original_latency_s)}; every latency measured end to end, side by side, "
                       f"on {lat.get('device_name') or lat.get('device', '?')} ({lat.get('device', '?')}, batch {lat.get('batch_size', 1)}, "
-                      f"{lat.get('threads_used') or lat.get('threads') or '?'} threads{', node ' + str(node) if node else ''}); "
+                      f"{threads}{', node ' + str(node) if node else ''}; {lat.get('statistic', 'median')} of the timed samples); "
                       "speed-up = original / member")
     breaching = [m.trial for m in result.front if m.latency_breach]
     if breaching:

@@ -42,6 +42,7 @@ decomposed ResNet-50, demo-CNN and BERT-style models is about 5%, against about
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -413,18 +414,27 @@ def grid_candidates(
 class DeviceRanks:
     """What the latency table says about the search grid on one device (see :func:`device_ranks`).
 
-    ``ranks``: ``{(layer, method, ρ): rank to build}``; ``dropped``: ``{layer:
-    [methods with no rank faster than the dense layer]}`` (only with the
-    break-even rule); ``break_even``: ``{layer: {method: the largest measured
-    rank faster than the dense layer, or None}}``; ``moved``: how many grid
-    ranks the alignment changed; ``capped``: how many the break-even lowered.
+    ``ranks``: ``{(layer, method, ρ): rank to build}``; ``refused``: ``{layer:
+    [(method, ρ), ...]}`` whose rank is not faster than the dense layer (only
+    with the break-even rule); ``dropped``: ``{layer: [methods refused at every
+    ρ]}``; ``break_even``: ``{layer: {method: the largest measured rank faster
+    than the dense layer, or None}}``; ``moved``: how many grid ranks the
+    alignment changed.
     """
 
     ranks: dict[tuple[str, str, float], Rank] = field(default_factory=dict)
+    refused: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     dropped: dict[str, list[str]] = field(default_factory=dict)
     break_even: dict[str, dict[str, Optional[Rank]]] = field(default_factory=dict)
     moved: int = 0
-    capped: int = 0
+
+    @property
+    def n_refused(self) -> int:
+        return sum(len(v) for v in self.refused.values())
+
+
+def _flops(method: Any, lp: Any, rank: Rank) -> int:
+    return method.cost(lp.spec, rank, lp.input_shape).flops
 
 
 def _layer_lookup(profile: Any, table: LatencyTable, name: str) -> tuple[Callable[[str, Optional[Rank]], Optional[float]], Any]:
@@ -454,11 +464,13 @@ def device_ranks(
     For every (layer, method), ρ ascending: the ρ's rank (``align`` applied);
     with ``snap``, moved up to the largest probe of :func:`probe_ranks` whose
     measured latency is at most ``(1 + tolerance)`` × the rank's (the top of its
-    latency step: more rank at the same cost); never below the previous ρ's rank.
-    With ``break_even``, a rank whose measured latency is not below the dense
-    layer's is replaced by the largest offered rank of a smaller ρ (or, for the
-    smallest ρs, the first offered one); a method with none offered is dropped
-    for the layer. Ranks missing from the table stay as they are.
+    latency step: more rank at the same cost), never to a rank the method
+    refuses (:meth:`~autorank.methods.BaseMethod.rank_refusal`), and never below
+    the previous ρ's rank. With ``break_even``, a (method, ρ) whose rank's
+    measured latency is not below the dense layer's is refused (the search never
+    offers it: :class:`autorank.search.space.LayerChoice` runs the largest
+    offered ρ below it instead); a method refused at every ρ is dropped for the
+    layer. Ranks missing from the table stay as they are and are offered.
     """
     out = DeviceRanks()
     multiples = _multiples_for(table.device)
@@ -471,38 +483,32 @@ def device_ranks(
                 by_method.setdefault(registry.get(method).name, []).append(float(rho))
         for mname, rhos in by_method.items():
             m = registry.get(mname)
-            flops = lambda r: m.cost(lp.spec, r, lp.input_shape).flops  # noqa: E731
+            flops = functools.partial(_flops, m, lp)
+            rhos = sorted(rhos)
             chosen: list[Rank] = []
-            for rho in sorted(rhos):
+            for rho in rhos:
                 r0 = profile.replacement_delta(name, mname, rho, align)[2]
                 r = r0
                 t0 = latency(mname, r0)
                 if snap and t0 is not None:
                     for c in probe_ranks(mname, lp.spec, r0, multiples):
                         t = latency(mname, c)
-                        if t is not None and t <= t0 * (1 + tolerance) and flops(c) > flops(r):
+                        if (t is not None and t <= t0 * (1 + tolerance) and flops(c) > flops(r)
+                                and m.rank_refusal(lp.spec, c, lp.input_shape) is None):
                             r = c
                 if chosen and flops(chosen[-1]) > flops(r):
                     r = chosen[-1]
                 out.moved += r != r0
                 chosen.append(r)
+                out.ranks[(name, mname, round(rho, 6))] = r
             measured = [r for r in {*chosen, *(c for r0 in chosen for c in probe_ranks(mname, lp.spec, r0, multiples))}
                         if latency(mname, r) is not None]
             faster = [r for r in measured if dense is not None and latency(mname, r) < dense]
             out.break_even.setdefault(name, {})[mname] = max(faster, key=flops) if faster else None
             if break_even and dense is not None:
-                offered = [dense is None or (latency(mname, r) is None or latency(mname, r) < dense) for r in chosen]
-                if not any(offered):
+                slow = [(mname, rho) for rho, r in zip(rhos, chosen) if latency(mname, r) is not None and latency(mname, r) >= dense]
+                if slow:
+                    out.refused.setdefault(name, []).extend(slow)
+                if len(slow) == len(rhos):
                     out.dropped.setdefault(name, []).append(mname)
-                    continue
-                first = chosen[offered.index(True)]
-                last = None
-                for i, ok in enumerate(offered):
-                    if ok:
-                        last = chosen[i]
-                    else:
-                        chosen[i] = last if last is not None else first
-                        out.capped += 1
-            for rho, r in zip(sorted(rhos), chosen):
-                out.ranks[(name, mname, round(rho, 6))] = r
     return out

@@ -188,6 +188,7 @@ class LatencyTable:
         device_name_override: Optional[str] = None,
         torch_version: Optional[str] = None,
         statistic: str = "median",
+        max_time: Optional[float] = None,
     ) -> None:
         """``device_name_override`` and ``torch_version`` name a configuration other than this
         machine's, to read a table measured elsewhere (see :meth:`open`); such a table cannot be
@@ -196,6 +197,8 @@ class LatencyTable:
         if statistic not in STATISTICS:
             raise LatencyError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
         self.statistic = statistic
+        #: bounds each measurement of a slow layer or model (see :func:`autorank.cost.timing.measure`)
+        self.max_time = max_time
         self.device = str(device)
         if device_name_override is not None:
             self.device_name = device_name_override
@@ -463,7 +466,7 @@ class LatencyTable:
     def _timing(self, module: nn.Module, x: torch.Tensor, dev: torch.device) -> Timing:
         return measure(
             module, x, device=dev, warmup=self.warmup, repeats=self.repeats, threads=self.threads,
-            min_time=self.min_time, clock=self.clock,
+            min_time=self.min_time, clock=self.clock, max_time=self.max_time,
         )
 
     def measure_layer(
@@ -532,7 +535,7 @@ class LatencyTable:
         dev = self._check_can_measure()
         return measure(
             model, inputs, device=dev, warmup=max(2, self.warmup), repeats=self.repeats, threads=self.threads,
-            min_time=max(self.min_time, 0.25), clock=self.clock,
+            min_time=max(self.min_time, 0.25), clock=self.clock, max_time=self.max_time,
         )
 
 

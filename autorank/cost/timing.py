@@ -254,6 +254,7 @@ def measure(
     min_time: float = 0.0,
     number: Optional[int] = None,
     clock: str = "wall",
+    max_time: Optional[float] = None,
 ) -> Timing:
     """Time ``module(*inputs)`` on ``device``.
 
@@ -264,7 +265,9 @@ def measure(
     during the measurement (default: the current count) and is restored after.
 
     ``warmup`` untimed calls, then at least ``repeats`` samples, and more until
-    ``min_time`` seconds have been timed. Each sample times ``number``
+    ``min_time`` seconds have been timed. ``max_time`` bounds a slow module
+    (a whole model at batch 32): warm-up stops once it has taken half of it, and
+    sampling once 3 samples have and the samples have taken it all. Each sample times ``number``
     consecutive calls (default: enough calls for about 1 ms, so that timer and
     event overheads vanish for tiny layers). On CUDA, samples are timed with
     CUDA events and the device is synchronised before results are read.
@@ -293,7 +296,7 @@ def measure(
             args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
             on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
             with torch.inference_mode(), on_device:
-                samples, used_number = _time_calls(lambda: module(*args), dev, warmup, repeats, min_time, number, clock)
+                samples, used_number = _time_calls(lambda: module(*args), dev, warmup, repeats, min_time, number, clock, max_time)
         finally:
             if home is not None and home != dev:
                 module.to(home)
@@ -335,11 +338,19 @@ def _time_calls(
     min_time: float,
     number: Optional[int],
     clock: str = "wall",
+    max_time: Optional[float] = None,
 ) -> tuple[list[float], int]:
     """Per-call seconds of each sample, and the number of calls per sample."""
+    t_warm = time.perf_counter()
     for _ in range(warmup):
         call()
+        if max_time is not None:
+            _sync(dev)
+            if time.perf_counter() - t_warm > max_time / 2:
+                break
     _sync(dev)
+    cap = float("inf") if max_time is None else float(max_time)
+    enough = max(1, min(repeats, 3))
     if number is None:
         # one synchronised call tells how many make a sample of about _TARGET_SAMPLE_S
         timer = time.perf_counter if clock == "wall" else time.thread_time
@@ -352,7 +363,8 @@ def _time_calls(
     samples: list[float] = []
     total = 0.0
     if dev.type == "cuda":
-        while len(samples) < repeats or (total < min_time and len(samples) < _MAX_SAMPLES):
+        while (len(samples) < repeats or (total < min_time and len(samples) < _MAX_SAMPLES)) and not (
+                len(samples) >= enough and total >= cap):
             batch = []
             for _ in range(repeats - len(samples) if len(samples) < repeats else repeats):
                 start = torch.cuda.Event(enable_timing=True)
@@ -369,7 +381,8 @@ def _time_calls(
                 total += s * number
         return samples, number
     timer = time.perf_counter if clock == "wall" else time.thread_time
-    while len(samples) < repeats or (total < min_time and len(samples) < _MAX_SAMPLES):
+    while (len(samples) < repeats or (total < min_time and len(samples) < _MAX_SAMPLES)) and not (
+            len(samples) >= enough and total >= cap):
         t0 = timer()
         for _ in range(number):
             call()
@@ -403,6 +416,7 @@ def measure_side_by_side(
     repeats: int = 10,
     min_time: float = 0.05,
     clock: str = "wall",
+    max_time: Optional[float] = None,
 ) -> dict[Any, Timing]:
     """Time several modules on the same inputs, interleaved: ``rounds`` rounds, each timing every module once.
 
@@ -410,15 +424,25 @@ def measure_side_by_side(
     statistics are the medians over its rounds (:func:`combine_timings`): a slow
     or fast moment of a shared machine falls on every module alike instead of
     deciding one of them. This is how the search compares front members with the
-    original (their ratio is the speed-up it reports).
+    original (their ratio is the speed-up it reports). With ``max_time``, a
+    module whose first measurement shows that ``warmup + repeats`` calls take
+    longer is timed by one call per later round (a whole model at batch 32).
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise LatencyError(f"rounds must be a positive integer, got {rounds!r}")
     keys = list(modules)
     per: dict[Any, list[Timing]] = {k: [] for k in keys}
+    slow: set = set()
     for i in range(rounds):
         shift = i % len(keys) if keys else 0
         for k in keys[shift:] + keys[:shift]:
-            per[k].append(measure(modules[k], inputs, device=device, warmup=warmup, repeats=repeats, threads=threads,
-                                  min_time=min_time, clock=clock))
+            if k in slow:
+                per[k].append(measure(modules[k], inputs, device=device, warmup=0, repeats=1, threads=threads, min_time=0.0,
+                                      number=1, clock=clock))
+                continue
+            t = measure(modules[k], inputs, device=device, warmup=warmup, repeats=repeats, threads=threads,
+                        min_time=min_time, clock=clock, max_time=max_time)
+            per[k].append(t)
+            if max_time is not None and t.median * (warmup + repeats) > max_time:
+                slow.add(k)
     return {k: combine_timings(v) for k, v in per.items()}

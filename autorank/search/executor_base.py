@@ -81,7 +81,7 @@ class BaseExecutor(abc.ABC):
         out.setdefault("where", where())
         return out
 
-    def release_workers(self) -> None:
+    def release_workers(self) -> None:  # noqa: B027 - optional hook: nothing to free in this process
         """Free what the trials hold (workers and the resources they reserved), so that the target is idle for a measurement."""
 
 

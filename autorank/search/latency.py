@@ -95,10 +95,15 @@ class LatencyTarget:
     threads: Optional[int] = None
     rounds: int = 5
     statistic: str = "min"
+    #: seconds one measurement of a slow layer or model takes at most (see :func:`autorank.cost.timing.measure`)
+    max_time: float = 2.0
+    #: ``wall`` (elapsed time, the default) or ``cpu`` (the measuring thread's CPU time: the latency on an idle core,
+    #: for one thread on a CPU only; what a machine shared with other jobs can still measure)
+    clock: str = "wall"
 
     @classmethod
     def make(cls, device: Optional[str], batch_size: Optional[int], threads: Optional[int], task: Any = None,
-             statistic: str = "min") -> "LatencyTarget":
+             statistic: str = "min", clock: str = "wall") -> "LatencyTarget":
         """Checked settings; ``device`` None: the task's device (else cpu), ``batch_size`` None: 1."""
         dev = str(device if device is not None else (getattr(task, "device", None) or "cpu"))
         try:
@@ -114,10 +119,17 @@ class LatencyTarget:
             raise LatencyError(f"threads must be a positive integer, got {threads!r}")
         if statistic not in STATISTICS:
             raise LatencyError(f"latency statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
-        return cls(dev, int(bs), threads, statistic=statistic)
+        if clock not in ("wall", "cpu") or (clock == "cpu" and (kind != "cpu" or threads != 1)):
+            raise LatencyError(f"clock {clock!r}: use wall, or cpu with device cpu and threads 1 (got {dev}, threads {threads})")
+        return cls(dev, int(bs), threads, statistic=statistic, clock=clock)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads, "statistic": self.statistic}
+        return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads, "statistic": self.statistic,
+                "clock": self.clock}
+
+    def job(self) -> dict[str, Any]:
+        """The settings a latency job needs (:meth:`to_dict`, rounds and the time bound)."""
+        return {**self.to_dict(), "rounds": self.rounds, "max_time": self.max_time}
 
     def describe(self) -> str:
         return f"{self.device}, batch {self.batch_size}, {self.threads if self.threads else 'default'} threads"
@@ -143,7 +155,8 @@ def _table_job(model: nn.Module, payload: Mapping[str, Any], progress: Optional[
     example = tuple(payload["example"])
     profile = profile_model(model, example)
     table = LatencyTable(payload.get("table_dir"), device=device, dtype=model_dtype(model), threads=threads, batch_size=bs,
-                         clock=payload.get("clock", "wall"), statistic=payload.get("statistic", "median"))
+                         clock=payload.get("clock", "wall"), statistic=payload.get("statistic", "median"),
+                         max_time=payload.get("max_time"))
     expect = payload.get("expect")
     if expect:
         _check_same(expect, table.validity, payload.get("run_dir", "the run directory"))
@@ -180,7 +193,7 @@ def _front_job(model: nn.Module, payload: Mapping[str, Any]) -> dict[str, Any]:
         modules[str(m["trial"])] = load(m["weights"], model=model).to(dev)
     inputs = to_device(inputs, dev)
     timings = measure_side_by_side(modules, inputs, device=dev, threads=threads, rounds=int(payload.get("rounds", 5)),
-                                   clock=payload.get("clock", "wall"))
+                                   clock=payload.get("clock", "wall"), max_time=payload.get("max_time"))
     t = timings.pop("original")
     return {
         "original": t.to_dict(), "members": {k: v.to_dict() for k, v in timings.items()}, "device_name": t.device,
@@ -217,7 +230,7 @@ def latency_table_for(model, profile, choices, task, space, emit: Progress, *, t
     cands = grid_candidates(profile, grid, align=fixed, probe=snap, device=target.device)
     seed = run.read_json(TABLE_FILE) if run is not None else None
     payload = {
-        **target.to_dict(), "example": _cpu_example(task), "candidates": {n: [[m, r] for m, r in c] for n, c in cands.items()},
+        **target.job(), "example": _cpu_example(task), "candidates": {n: [[m, r] for m, r in c] for n, c in cands.items()},
         "seed": seed, "expect": (seed or {}).get("validity"), "run_dir": f"run directory {run.path}" if run is not None else "",
     }
     total = sum(len(v) for v in cands.values()) + 1
@@ -234,11 +247,13 @@ def latency_table_for(model, profile, choices, task, space, emit: Progress, *, t
         _check_same(seed["validity"], table.validity, f"run directory {run.path}")
     needs = bool(budget is not None and budget.needs_latency)
     ranks = device_ranks(profile, table, grid, snap=snap, break_even=needs, align=fixed)
+    why = f"not faster than the dense layer on {table.device_name} (latency break-even)"
     kept = {}
     for n, ch in choices.items():
         methods = tuple(m for m in ch.methods if m not in ranks.dropped.get(n, ()))
         if len(methods) > 1:
-            kept[n] = LayerChoice(ch.name, methods, ch.rhos)
+            refused = ch.refused + tuple((m, r, why) for m, r in ranks.refused.get(n, ()) if m in methods)
+            kept[n] = LayerChoice(ch.name, methods, ch.rhos, refused)
     base = table.get_model(model_signature(profile, table.batch_size))
     where = res.get("where", {})
     if run is not None:
@@ -247,11 +262,12 @@ def latency_table_for(model, profile, choices, task, space, emit: Progress, *, t
             "target": target.to_dict(), "device_name": table.device_name, "validity": table.validity, "key": table.key,
             "measured_on": where, "entries": len(table), "new_measurements": res.get("new_measurements"),
             "elapsed_s": res.get("elapsed_s"), "align": "device" if snap else fixed, "break_even": needs,
-            "ranks_moved": ranks.moved, "ranks_capped": ranks.capped, "dropped": ranks.dropped,
+            "ranks_moved": ranks.moved, "refused": {n: [list(x) for x in v] for n, v in ranks.refused.items()},
+            "dropped": ranks.dropped,
         })
-    logger.info("latency table: %d entries on %s (%s), %d new; alignment moved %d ranks, break-even capped %d, dropped %s",
-                len(table), table.device_name, where.get("node_ip") or where.get("host"), res.get("new_measurements", 0),
-                ranks.moved, ranks.capped, ranks.dropped or "none")
+    logger.info("latency table: %d entries on %s (%s), %d new; alignment moved %d ranks; break-even refused %d choices, "
+                "dropped %s", len(table), table.device_name, where.get("node_ip") or where.get("host"),
+                res.get("new_measurements", 0), ranks.moved, ranks.n_refused, ranks.dropped or "none")
     return table, float(base), kept, ranks
 
 
@@ -265,7 +281,7 @@ def measure_front(result, original: nn.Module, task: Any, *, target: Optional[La
     """
     target = target or LatencyTarget.make(None, None, None, task)
     members = [m for m in result.front if result.weights_path(m) is not None and result.weights_path(m).exists()]
-    payload = {**target.to_dict(), "rounds": target.rounds, "example": _cpu_example(task),
+    payload = {**target.job(), "example": _cpu_example(task),
                "members": [{"trial": m.trial, "weights": str(result.weights_path(m).resolve())} for m in members]}
     res = executor.measure_latency("front", original, payload) if executor is not None else latency_job("front", original, payload)
     stat = target.statistic
@@ -305,7 +321,7 @@ def profile_table(model: nn.Module, example: Any, target: LatencyTarget, *, spac
     example = example if isinstance(example, tuple) else (example,)
     prof = profile_model(model, example)
     table = LatencyTable(table_dir, device=target.device, dtype=model_dtype(model), threads=target.threads or default_threads(),
-                         batch_size=target.batch_size, statistic=target.statistic)
+                         batch_size=target.batch_size, statistic=target.statistic, max_time=target.max_time, clock=target.clock)
     grid: dict[str, list[tuple[str, float]]] = {}
     if space is not None:
         grid = search_grid(space.choices(prof))

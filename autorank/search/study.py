@@ -78,6 +78,7 @@ def search(
     batch_size: Optional[int] = None,
     threads: Optional[int] = None,
     align: Union[str, int, None] = "auto",
+    latency_target: Optional[LatencyTarget] = None,
 ):
     """Search per-layer methods and ranks for ``model`` under ``budget``; returns a :class:`SearchResult`.
 
@@ -103,7 +104,9 @@ def search(
     the executor's ``resources``. ``align``: ``auto`` (ranks snapped to the
     device's latency steps under a latency budget, unless the space fixes a
     multiple), ``device`` (the same under any budget: measures the table),
-    ``none``, or a multiple such as 8 (overrides the space's).
+    ``none``, or a multiple such as 8 (overrides the space's). ``latency_target``:
+    all of these settings at once, and more (:class:`~autorank.search.latency.LatencyTarget`:
+    the statistic, the clock, the front's rounds), instead of the three arguments.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t_start = time.perf_counter()
@@ -128,7 +131,9 @@ def search(
     task_spec = task if isinstance(task, str) else None
     task = load_task(task, model_spec or model.__dict__.get(SPEC_ATTR))
     steps = int(finetune_steps if finetune_steps is not None else getattr(task, "default_finetune_steps", 100))
-    target = LatencyTarget.make(device, batch_size, threads, task)
+    if latency_target is not None and (device, batch_size, threads) != (None, None, None):
+        raise SearchError("give either latency_target or device / batch_size / threads, not both")
+    target = latency_target or LatencyTarget.make(device, batch_size, threads, task)
     needs_table = budget.needs_latency or (align == "device" and space.align is None)
     executor = executor or InProcessExecutor()
     if needs_table or measure_latency:  # a device this machine (or the cluster) lacks fails now, not after the trials
