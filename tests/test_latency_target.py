@@ -107,6 +107,34 @@ def test_probe_ranks_are_valid_multiples_around_the_rank():
     assert probe_ranks("svd", layer_spec(nn.Linear(8, 8)), 3) == [3, 8]  # capped at the full rank
 
 
+def test_calibration_fit_recovers_the_factor_and_the_cost_of_an_added_operator():
+    from autorank.cost.latency_calibration import _fit
+
+    points = [(e, n, 1.5 * e + 2e-5 * n) for e, n in ((-0.01, 10), (-0.02, 40), (-0.005, 30), (-0.015, 5))]
+    k, c = _fit(points)
+    assert k == pytest.approx(1.5) and c == pytest.approx(2e-5)
+    k, c = _fit([(e, n, 1.2 * e - 1e-4 * n) for e, n, _ in points])  # an operator cannot save time: c >= 0
+    assert c == 0.0 and k > 0
+
+
+def test_a_calibrated_table_scales_the_estimate_and_keeps_a_reserve_below_a_latency_budget(tmp_path):
+    from autorank.cost.budget import parse_budget
+    from autorank.cost.cost_model import CostModel
+    from autorank.cost.latency import estimate_latency
+    from autorank.cost.latency_table import model_signature
+
+    model = nn.Sequential(nn.Linear(256, 256))
+    prof = profile_model(model, torch.randn(1, 256))
+    table = _stepped_table(tmp_path, model[0], (1, 256), lambda r: 1e-6 * r, 1e-4, [16, 32])
+    table.put_model(model_signature(prof, 1), 1e-3)
+    assert estimate_latency(prof, {"0": ("svd", 16)}, table) == pytest.approx(1e-3 - 1e-4 + 16e-6)
+    table.models[f"calibration|{model_signature(prof, 1)}"] = {"scale": 1.5, "per_op": 1e-5, "margin": 5e-5}
+    # k · (16 µs − 100 µs) + c · (one operator added: two linears instead of one)
+    assert estimate_latency(prof, {"0": ("svd", 16)}, table) == pytest.approx(1e-3 + 1.5 * (16e-6 - 1e-4) + 1e-5)
+    cost = CostModel(prof, parse_budget("50%latency"), latency=(table, 1e-3), margins={"latency": table.get_margin(model_signature(prof, 1))})
+    assert cost.limits["latency"] == pytest.approx(0.5e-3 - 5e-5)
+
+
 # ---------------------------------------------------------------------- measured on this CPU
 def test_break_even_excludes_a_replacement_slower_than_its_dense_layer_on_this_cpu(tmp_path):
     """Under a latency budget, a factorization of a tiny linear (two calls instead of one) is never offered."""
@@ -127,6 +155,9 @@ def test_break_even_excludes_a_replacement_slower_than_its_dense_layer_on_this_c
         assert m.latency_measured_s > 0 and m.speedup == pytest.approx(res.original_latency_s / m.latency_measured_s)
         assert m.latency_breach == (m.latency_measured_s > 0.7 * res.original_latency_s)
         assert m.latency_estimated_s > 0
+    calib = info["calibration"]  # fitted on decomposed models measured whole, beside the original
+    assert calib["plans"] >= 2 and len(calib["points"]) == calib["plans"] and 0.5 <= calib["scale"] <= 4.0
+    assert info["margin_s"] == calib["margin"] >= 0.0
     saved = json.loads((Path(res.run_dir) / "front.json").read_text())
     assert saved["latency"]["device"] == "cpu" and saved["latency"]["threads_used"] == 1 and saved["latency"]["batch_size"] == 1
     assert saved["latency"]["measured_on"]["pid"] == os.getpid()  # in-process executor: this process is the target

@@ -29,10 +29,12 @@ class CostModel:
     :func:`autorank.cost.latency.estimate_latency`). ``ranks``: ``{(layer,
     method, ρ): rank}`` that overrides the rank a choice builds (device-aware
     alignment and the latency break-even, :func:`autorank.cost.latency.device_ranks`).
+    ``margins``: ``{metric: amount}`` kept in reserve below the budget's limit
+    (a latency calibration's largest residual, :mod:`autorank.cost.latency_calibration`).
     """
 
     def __init__(self, profile: ModelProfile, budget: Budget, align: Optional[int] = None, latency: Optional[tuple[Any, float]] = None,
-                 ranks: Optional[Mapping[tuple[str, str, float], Any]] = None):
+                 ranks: Optional[Mapping[tuple[str, str, float], Any]] = None, margins: Optional[Mapping[str, float]] = None):
         self.profile = profile
         self.budget = budget
         self.align = align
@@ -43,6 +45,9 @@ class CostModel:
             self.original["latency"] = float(latency[1])
         self.metrics = ("flops", "params") + (("latency",) if latency is not None else ())
         self.limits = budget.limits(self.original)
+        for m, reserve in (margins or {}).items():  # what the estimate may miss (a latency calibration's residual)
+            if m in self.limits and reserve > 0:
+                self.limits[m] = max(self.limits[m] - reserve, 0.5 * self.limits[m])
         self.objective_metric = budget.metrics[0]
         self._memo: dict[tuple, dict[str, float]] = {}
 

@@ -291,7 +291,10 @@ def estimate_latency(
 ) -> float:
     """Latency (s) of the model decomposed by ``plan``, from the table, with no model run.
 
-    ``base latency − Σ dense latency of replaced layers + Σ replacement latency``.
+    ``base latency + k · (Σ replacement latency − Σ dense latency of replaced layers)
+    + c · (operators the replacements add)``, ``k`` and ``c`` the model's calibration on
+    the table's target (1 and 0 until :func:`autorank.cost.latency_calibration.calibrate`
+    has fitted them).
     ``plan``: a Plan or ``{name: (method, rank)}`` (like ``ModelProfile.estimate``),
     ranks concrete or fractions. ``base_latency``: seconds or a Timing (default:
     the table's measurement of this model). Entries missing from the table are
@@ -310,7 +313,7 @@ def estimate_latency(
     else:
         base = base_latency.median if isinstance(base_latency, Timing) else float(base_latency)
     named = dict(model.named_modules()) if model is not None else {}
-    total = base
+    change, added = 0.0, 0
     for name, method, rank, options in _plan_items(plan):
         if method in ("none", None):
             continue
@@ -332,8 +335,10 @@ def estimate_latency(
                 dense = table.measure_layer(named[name], shape)
             if repl is None:
                 repl = table.measure_layer(named[name], shape, mname, concrete)
-        total += repl - dense
-    return total
+        change += repl - dense
+        added += table.get_ops(sig, shape, mname, concrete) - table.get_ops(sig, shape)
+    k, per_op = table.get_calibration(model_signature(profile, bs))
+    return base + k * change + per_op * added
 
 
 # ---------------------------------------------------------------------- device-aware ranks
@@ -427,6 +432,8 @@ class DeviceRanks:
     dropped: dict[str, list[str]] = field(default_factory=dict)
     break_even: dict[str, dict[str, Optional[Rank]]] = field(default_factory=dict)
     moved: int = 0
+    #: seconds a latency budget keeps in reserve (the table's calibration margin; set by the caller)
+    margin: float = 0.0
 
     @property
     def n_refused(self) -> int:

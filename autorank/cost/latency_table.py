@@ -38,6 +38,7 @@ logger = logging.getLogger("autorank")
 __all__ = [
     "LatencyTable",
     "STATISTICS",
+    "count_ops",
     "default_table_dir",
     "layer_signature",
     "model_signature",
@@ -137,6 +138,11 @@ def _dtype_of(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "device"
+
+
+def count_ops(module: nn.Module) -> int:
+    """The operators a layer or its replacement runs: its leaf modules (at least 1)."""
+    return max(1, sum(1 for m in module.modules() if not any(True for _ in m.children())))
 
 
 def random_fill_(module: nn.Module, seed: int = 0) -> None:
@@ -441,6 +447,26 @@ class LatencyTable:
         hit = self.models.get(signature)
         return None if hit is None else self._value(hit)
 
+    def get_ops(self, module_or_spec: Union[nn.Module, LayerSpec, str], input_shape: Sequence[int] = (),
+                method: Optional[str] = None, rank: Optional[Rank] = None) -> int:
+        """How many operators (leaf modules) the dense layer or replacement runs (recorded when measured; else 1 or 2)."""
+        hit = self.entries.get(self._key_of(module_or_spec, input_shape, method, rank))
+        default = 1 if method in (None, "dense") else 2
+        return int(hit.get("ops", default)) if hit else default
+
+    def get_calibration(self, signature: str) -> tuple[float, float]:
+        """``(k, c)`` of the model under ``signature``: the estimated change is ``k · Σ (replacement − dense) +
+        c · (operators added)``; ``(1, 0)`` when not calibrated (see :mod:`autorank.cost.latency_calibration`)."""
+        hit = self.models.get(f"calibration|{signature}")
+        if not hit:
+            return 1.0, 0.0
+        return float(hit.get("scale", 1.0)), float(hit.get("per_op", 0.0))
+
+    def get_margin(self, signature: str) -> float:
+        """Seconds a latency budget keeps in reserve for the model under ``signature`` (0 when not calibrated)."""
+        hit = self.models.get(f"calibration|{signature}")
+        return float(hit.get("margin", 0.0)) if hit else 0.0
+
     def put_model(self, signature: str, timing: Union[Timing, float]) -> None:
         self.models[signature] = timing.to_dict() if isinstance(timing, Timing) else {"median": float(timing)}
         self._dirty = True
@@ -512,9 +538,11 @@ class LatencyTable:
         g = torch.Generator(device="cpu").manual_seed(1)
         x = torch.randn(shape, generator=g, dtype=torch.float32).to(device=dev, dtype=self.dtype)
         timing = self._timing(layer, x, dev)
+        ops = count_ops(layer)
         del layer
         self.measurements += 1
         self.put(module, shape, None if m is None else m.name, concrete, timing)
+        self.entries[self._key_of(module, shape, None if m is None else m.name, concrete)]["ops"] = ops
         logger.debug("latency %s %s %s: %s", layer_signature(module, shape), m.name if m else "dense", rank_text(concrete), timing)
         if save:
             self.save()

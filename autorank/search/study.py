@@ -179,7 +179,8 @@ def search(
             executor.close()
             raise NotApplicableError(f"{type(original).__name__}: no replacement in search space {space.source} is faster than "
                                      f"its dense layer on {table.device_name} (latency break-even)")
-    cost = CostModel(profile, budget, space.align, latency, ranks=ranks.ranks if ranks is not None else None)
+    cost = CostModel(profile, budget, space.align, latency, ranks=ranks.ranks if ranks is not None else None,
+                     margins={"latency": ranks.margin} if ranks is not None else None)
     cheapest = cheapest_plan(choices, cost)
     if not cost.fits(cost.costs(cheapest)):
         reached = ", ".join(f"{m} {100 * v:.1f}%" for m, v in cost.ratios(cost.costs(cheapest)).items())
