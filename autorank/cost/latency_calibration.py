@@ -17,8 +17,10 @@ nn-Meter, Zhang et al. MobiSys 2021):
 
 :func:`calibrate` builds a few decomposed models with random weights (latency
 does not depend on the values; no factorization is computed), measures them
-end to end beside the original and records ``k`` in the table, next to the
-model's base latency; :func:`autorank.cost.latency.estimate_latency` applies it.
+end to end beside the original and records ``k`` in the table, with the
+original's latency measured beside them as the model's base latency (on a
+shared machine the table's own, measured minutes earlier, was 20% lower once);
+:func:`autorank.cost.latency.estimate_latency` applies both.
 ``k`` and ``c`` (the cost of an operator a factorization adds: a kernel launch
 on a GPU; ``c >= 0``) are fitted by least squares on 4-8 plans (each layer's
 fastest option and each method alone, at the grid's smallest and middle ρ).
@@ -118,7 +120,11 @@ def calibrate(model: nn.Module, profile: Any, table: LatencyTable, plans: Sequen
                                    repeats=max(3, table.repeats // 2), min_time=table.min_time, clock=table.clock,
                                    max_time=table.max_time)
     stat = table.statistic
-    base = getattr(timings.pop("original"), stat)
+    original = timings.pop("original")
+    base = getattr(original, stat)
+    # the base latency every estimate starts from is this one, measured beside the plans the fit rests on: the
+    # table's own (minutes earlier, between layers) can differ by more than the fit corrects on a shared machine
+    table.put_model(msig, original)
     points = [(e, n, getattr(timings[i], stat) - base) for i, (e, n) in enumerate(ests)]
     fit = _fit(points)
     usable = (fit is not None and SCALE_RANGE[0] <= fit[0] <= SCALE_RANGE[1]
