@@ -88,9 +88,13 @@ def calibration_plans(profile: Any, table: LatencyTable, levels: Sequence[Mappin
             timed = [(table.get(sig, shape, registry.get(m).name, r), registry.get(m).name, r) for m, r in options]
             timed_level[name] = [t for t in timed if t[0] is not None and dense is not None and t[0] < dense]
         methods = sorted({m for opts in timed_level.values() for _, m, _ in opts})
-        candidates = [{n: min(opts)[1:] for n, opts in timed_level.items() if opts}]
+        fastest = {n: min(opts)[1:] for n, opts in timed_level.items() if opts}
+        names = list(fastest)
+        candidates = [fastest]
         candidates += [{n: next((m, r) for _, m, r in opts if m == method) for n, opts in timed_level.items()
                         if any(m == method for _, m, _ in opts)} for method in methods]
+        # every other layer: plans that change different layers, so that the fit sees more than one composition
+        candidates += [{n: fastest[n] for n in names[i::2]} for i in (0, 1)]
         for plan in candidates:
             if plan and plan not in out:
                 out.append(plan)
@@ -147,14 +151,19 @@ def calibrate(model: nn.Module, profile: Any, table: LatencyTable, plans: Sequen
 
 
 def _fit(points: Sequence[tuple[float, int, float]]) -> Optional[tuple[float, float]]:
-    """Least squares of ``measured = k · estimated + c · added operators`` (``c >= 0``; ``c = 0`` when it would not be)."""
+    """Least squares of ``measured = k · estimated + c · added operators``.
+
+    ``c`` only from 4 plans or more whose two columns are far from collinear,
+    and only when it comes out >= 0 (an added operator cannot save time);
+    otherwise ``c = 0`` and ``k`` alone.
+    """
     see = sum(e * e for e, _, _ in points)
     sen = sum(e * n for e, n, _ in points)
     snn = sum(n * n for _, n, _ in points)
     sem = sum(e * m for e, _, m in points)
     snm = sum(n * m for _, n, m in points)
     det = see * snn - sen * sen
-    if det > 1e-30 * max(see * snn, 1e-300):
+    if len(points) >= 4 and det > 0.05 * see * snn:  # |cos| of the two columns below ~0.97
         k = (sem * snn - snm * sen) / det
         c = (see * snm - sen * sem) / det
         if c >= 0:
