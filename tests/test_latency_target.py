@@ -161,6 +161,7 @@ def test_break_even_excludes_a_replacement_slower_than_its_dense_layer_on_this_c
     saved = json.loads((Path(res.run_dir) / "front.json").read_text())
     assert saved["latency"]["device"] == "cpu" and saved["latency"]["threads_used"] == 1 and saved["latency"]["batch_size"] == 1
     assert saved["latency"]["measured_on"]["pid"] == os.getpid()  # in-process executor: this process is the target
+    assert 0.0 < saved["latency"]["cpu_share"] <= 1.0 and 0.0 < info["cpu_share"] <= 1.0  # how busy the machine was
     assert all("speedup" in m and "latency_breach" in m for m in saved["front"])
 
 

@@ -187,6 +187,10 @@ def _print_front(result, console) -> None:
                       f"on {lat.get('device_name') or lat.get('device', '?')} ({lat.get('device', '?')}, batch {lat.get('batch_size', 1)}, "
                       f"{threads}{', node ' + str(node) if node else ''}; {lat.get('statistic', 'median')} of the timed samples); "
                       "speed-up = original / member")
+    share = lat.get("cpu_share")
+    if share is not None and share < 0.8 and (lat.get("threads_used") or 1) > 1:
+        console.print(f"[yellow]the machine was busy while measuring (a probe thread got {share:.0%} of a core): latencies "
+                      f"with {lat.get('threads_used')} threads include waiting for cores; --threads 1 measures more steadily[/]")
     breaching = [m.trial for m in result.front if m.latency_breach]
     if breaching:
         console.print(f"[yellow]re-measured over the latency budget (never picked by --pick): trial(s) "

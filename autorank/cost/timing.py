@@ -26,7 +26,7 @@ from autorank.errors import AutorankError
 
 __all__ = [
     "DeviceError", "LatencyError", "Timing", "measure", "measure_side_by_side", "device_name", "resolve_device",
-    "combine_timings", "default_threads",
+    "combine_timings", "default_threads", "cpu_share",
 ]
 
 #: a timed sample on CPU/GPU is at least this long: tiny layers are called several times per sample
@@ -123,6 +123,20 @@ def default_threads() -> int:
     set one thread): a latency target means the machine as deployed.
     """
     return _physical_cores()
+
+
+def cpu_share(seconds: float = 0.2) -> float:
+    """The share of a core a busy thread gets right now: 1.0 on an idle machine, 0.5 when it shares a core with one other.
+
+    A latency measured with several threads on a machine where this is well
+    below 1 includes waiting for cores (every parallel region waits for its
+    slowest thread); one thread, or the ``cpu`` clock, measures more steadily.
+    """
+    w0, c0 = time.perf_counter(), time.thread_time()
+    x = 0
+    while time.perf_counter() - w0 < seconds:
+        x += 1
+    return min(1.0, (time.thread_time() - c0) / max(time.perf_counter() - w0, 1e-9))
 
 
 def device_name(device: Union[str, torch.device, None] = "cpu") -> str:

@@ -51,7 +51,7 @@ from autorank.cost.latency import (
 from autorank.cost.latency_calibration import calibrate, calibration_plans
 from autorank.cost.latency_table import STATISTICS, LatencyTable, model_signature
 from autorank.cost.profile import profile_model
-from autorank.cost.timing import LatencyError, default_threads, measure_side_by_side, resolve_device
+from autorank.cost.timing import LatencyError, cpu_share, default_threads, measure_side_by_side, resolve_device
 from autorank.saving import load
 from autorank.search.space import LayerChoice
 from autorank.zoo import example_input, load_model
@@ -173,6 +173,7 @@ def _table_job(model: nn.Module, payload: Mapping[str, Any], progress: Optional[
     return {
         "table": table.to_dict(), "device_name": table.device_name, "threads": table.threads, "batch_size": bs,
         "new_measurements": table.measurements, "elapsed_s": time.perf_counter() - t0, "pid": os.getpid(),
+        "cpu_share": _busy(resolve_device(device), threads),
     }
 
 
@@ -227,8 +228,19 @@ def _front_job(model: nn.Module, payload: Mapping[str, Any]) -> dict[str, Any]:
     t = timings.pop("original")
     return {
         "original": t.to_dict(), "members": {k: v.to_dict() for k, v in timings.items()}, "device_name": t.device,
-        "threads": t.threads, "batch_size": bs, "pid": os.getpid(),
+        "threads": t.threads, "batch_size": bs, "pid": os.getpid(), "cpu_share": _busy(dev, threads),
     }
+
+
+def _busy(dev: torch.device, threads: int) -> Optional[float]:
+    """The CPU share a probe thread gets (CPU targets), with a warning when several threads share busy cores."""
+    if dev.type != "cpu":
+        return None
+    share = cpu_share()
+    if threads > 1 and share < 0.8:
+        logger.warning("this machine is busy (a probe thread got %.0f%% of a core): latencies measured with %d threads include "
+                       "waiting for cores; --threads 1 measures more steadily", 100 * share, threads)
+    return share
 
 
 # ---------------------------------------------------------------------- the driver's side
@@ -293,7 +305,8 @@ def latency_table_for(model, profile, choices, task, space, emit: Progress, *, t
         run.write_json(INFO_FILE, {
             "target": target.to_dict(), "device_name": table.device_name, "validity": table.validity, "key": table.key,
             "measured_on": where, "entries": len(table), "new_measurements": res.get("new_measurements"),
-            "elapsed_s": res.get("elapsed_s"), "align": "device" if snap else fixed, "break_even": needs,
+            "elapsed_s": res.get("elapsed_s"), "cpu_share": res.get("cpu_share"), "align": "device" if snap else fixed,
+            "break_even": needs,
             "calibration": table.models.get(f"calibration|{model_signature(profile, table.batch_size)}"),
             "margin_s": ranks.margin if needs else 0.0,
             "ranks_moved": ranks.moved, "refused": {n: [list(x) for x in v] for n, v in ranks.refused.items()},
@@ -333,6 +346,7 @@ def measure_front(result, original: nn.Module, task: Any, *, target: Optional[La
         m.latency_breach = any(m.latency_measured_s > lim for lim in limits) if limits else None
     result.latency = {
         **target.to_dict(), "threads_used": res.get("threads"), "device_name": res.get("device_name"), "rounds": target.rounds,
+        "cpu_share": res.get("cpu_share"),
         "measured_on": res.get("where", {}), "limit_s": min(limits) if limits else None,
         **({"table": table_info} if table_info else {}),
     }

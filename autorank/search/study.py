@@ -184,10 +184,13 @@ def search(
     cheapest = cheapest_plan(choices, cost)
     if not cost.fits(cost.costs(cheapest)):
         reached = ", ".join(f"{m} {100 * v:.1f}%" for m, v in cost.ratios(cost.costs(cheapest)).items())
+        reserve = ranks.margin / cost.original["latency"] if ranks is not None and "latency" in cost.limits and ranks.margin else 0
         executor.close()
         raise BudgetError(
             f"budget {budget.text()!r} cannot be met by any plan of search space {space.source}: "
             f"the cheapest plan reaches {reached} of the original"
+            + (f" (estimated; {100 * reserve:.1f}% of the original's latency is kept in reserve for what the estimate "
+               "missed on whole models, see latency.json)" if reserve else "")
         )
 
     # ---- workers
