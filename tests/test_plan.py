@@ -268,7 +268,7 @@ BAD_PLANS = [
     ({"classifier.2": {"method": "tucker2", "rank": 2}}, NotApplicableError, ("'classifier.2'", "tucker2")),
     ({"features.0": {"method": "svd", "rank": 0}}, RankError, ("'features.0'", "rank 0")),
     ({"features.0": {"method": "svd", "rank": -2}}, RankError, ("'features.0'", "-2")),
-    ({"features.0": {"method": "svd", "rank": 10}}, RankError, ("'features.0'", "10", "1..9")),  # 1 -> 32, 3x3: max 9
+    ({"features.0": {"method": "svd", "rank": 10}}, RankError, ("'features.0'", "10", "1..9")),  # 1 -> 64, 3x3: max 9
     ({"features.0": {"method": "svd", "rank": 1.5}}, RankError, ("'features.0'", "1.5")),
     ({"features.0": {"method": "svd", "rank": 0.0}}, RankError, ("'features.0'", "0.0")),
     ({"features.0": {"method": "svd", "rank": -0.5}}, RankError, ("'features.0'", "-0.5")),
@@ -277,8 +277,8 @@ BAD_PLANS = [
     ({"features.0": {"method": "svd", "rank": "lots"}}, RankError, ("'features.0'", "lots")),
     ({"features.3": {"method": "tucker2", "rank": [1, 2, 3]}}, RankError, ("'features.3'", "(1, 2, 3)")),
     ({"features.3": {"method": "tucker2", "rank": [0, 4]}}, RankError, ("'features.3'", "[0, 4]")),
-    ({"features.3": {"method": "tucker2", "rank": [33, 4]}}, RankError, ("'features.3'", "[33, 4]")),
-    ({"features.3": {"method": "spatial-svd", "rank": 97}}, RankError, ("'features.3'", "97")),  # max min(32*3, 64*3) = 96
+    ({"features.3": {"method": "tucker2", "rank": [65, 4]}}, RankError, ("'features.3'", "[65, 4]")),  # 64 -> 128
+    ({"features.3": {"method": "spatial-svd", "rank": 193}}, RankError, ("'features.3'", "193")),  # max min(64*3, 128*3) = 192
 ]
 
 

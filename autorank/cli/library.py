@@ -22,12 +22,15 @@ from autorank.candidates import candidate_layers
 from autorank.cli.common import CLIError, check_output, get_console, human, ms, parse_rank, parse_shape
 from autorank.cost.budget import check_reachable, parse_budget, smallest_reachable
 from autorank.cost.flops import count_flops
+from autorank.cost.latency import batch_inputs
+from autorank.cost.latency_table import layer_signature, model_signature, with_batch
 from autorank.cost.profile import profile_model
-from autorank.cost.timing import measure
 from autorank.errors import CalibrationError, PlanError
 from autorank.fileio import atomic_write_text
 from autorank.plan import Plan
 from autorank.saving import save
+from autorank.search.latency import LatencyTarget, profile_table
+from autorank.search.space import SearchSpace
 from autorank.specs import is_safe_spec
 from autorank.surgery import decompose, resolve_plan
 from autorank.zoo import example_input, load_model
@@ -42,6 +45,7 @@ EPILOG_MAIN = """examples:
   autorank methods
   autorank plan --model demo
   autorank profile --model demo
+  autorank profile --model demo --latency --threads 2
   autorank decompose --model demo --method tucker2 --rank 0.5 -o demo-small.pt
   autorank decompose --model mypkg.models:build --plan plan.json --input 1x3x224x224 -o small.pt
 """
@@ -195,44 +199,48 @@ def cmd_decompose(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    """One row per candidate layer: shape, FLOPs, params, latency, methods and break-even ranks."""
+    """One row per candidate layer: shape, FLOPs, params, latency, methods and break-even ranks (FLOPs and latency)."""
     budget = parse_budget(args.budget) if args.budget else None
     model, x = _load_model_and_input(args)
     if x is None:
         raise CLIError(f"model {args.model!r} is not built in: give its input shape with --input, e.g. 1x3x224x224")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size {args.batch_size}: expected a positive integer")
-    if args.batch_size:
-        x = x.expand((args.batch_size,) + tuple(x.shape[1:])).contiguous()
-    prof = profile_model(model, x)
+    bs = args.batch_size or int(x.shape[0])
+    xb = batch_inputs(x, bs)[0] if args.batch_size else x
+    prof = profile_model(model, xb)
     if not any(lp.applicable() for lp in prof.layers.values()):
         raise PlanError(f"model {args.model!r} has no layer any method can decompose")
     err = get_console(stderr=True)
+    table = None
     if not args.no_latency:
-        with err.status(f"measuring latency on {args.device} ...", spinner="dots") if not args.json else contextlib.nullcontext():
-            named = dict(model.named_modules())
-            base = measure(model, x, device=args.device, threads=args.threads)
-            prof.latency = base.median
-            for name, lp in prof.layers.items():
-                if lp.input_shape:
-                    lp.latency = measure(named[name], _example(x, lp.input_shape), device=args.device,
-                                         threads=args.threads).median
-        device_text = base.device
-        threads = base.threads
+        target = LatencyTarget.make(args.device, bs, args.threads)
+        space = SearchSpace.load(args.space) if args.latency else None
+        with _table_progress(err, args.json, f"measuring latency on {args.device}") as progress:
+            table, base_prof, break_even = profile_table(model, x, target, space=space, progress=progress)
+        base_batch = int(base_prof.input_shape[0])
+        prof.latency = table.get_model(model_signature(base_prof, bs))
+        for name, lp in prof.layers.items():
+            if lp.input_shape:
+                shape = with_batch(base_prof.layers[name].input_shape, bs, base_batch)
+                lp.latency = table.get(layer_signature(lp.spec, shape, type_name=lp.type), shape)
+            lp.latency_break_even = dict(break_even.get(name, {}))
     data = prof.to_dict()
     data["model"] = args.model
-    if not args.no_latency:
-        data["device"], data["threads"] = device_text, threads
+    if table is not None:
+        data["device"], data["threads"] = table.device_name, table.threads
+        data["latency_table"] = {"path": str(table.path), "entries": len(table), "new_measurements": table.measurements,
+                                 "statistic": table.statistic}
     if budget is not None:
         data["budget"] = {"text": budget.text(), "words": budget.describe(), "smallest_reachable": smallest_reachable(prof)}
         check_reachable(budget, prof, latency=prof.latency)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    table = Table(title=f"profile of {escape(args.model)} on input {tuple(x.shape)}", show_lines=False)
+    table_ = Table(title=f"profile of {escape(args.model)} on input {tuple(xb.shape)}", show_lines=False)
     for col, just in (("layer", "left"), ("type", "left"), ("shape", "left"), ("FLOPs", "right"), ("params", "right"),
                       ("latency", "right"), ("methods (break-even rank)", "left")):
-        table.add_column(col, justify=just, overflow="fold")
+        table_.add_column(col, justify=just, overflow="fold")
     for lp in prof.layers.values():
         d = lp.to_dict()
         if lp.excluded:
@@ -242,22 +250,30 @@ def cmd_profile(args) -> int:
             for m, info in d["methods"].items():
                 if info["applies"]:
                     be = info["break_even_rank"]
-                    text = f"{m} (≤{be})" if be is not None else f"{m} (never cheaper)"
+                    text = f"≤{be}" if be is not None else "never cheaper"
+                    if "latency_break_even_rank" in info:
+                        lb = info["latency_break_even_rank"]
+                        text += f"; latency ≤{lb}" if lb is not None else "; never faster"
+                    text = f"{m} ({text})"
                     if info.get("refused_from_rank") is not None:  # e.g. CP-ALS too slow above a rank
                         text += f" [refused from rank {info['refused_from_rank']}: {info['refusal']}]"
                     parts.append(text)
             reasons = sorted({info["reason"] for info in d["methods"].values() if not info["applies"]})
             methods_text = ", ".join(parts) or ("none: " + "; ".join(reasons))
-        table.add_row(escape(lp.name), lp.type, lp.spec.describe(), human(lp.dense.flops), human(lp.dense.params),
-                      ms(lp.latency), escape(methods_text))
-    table.add_section()
-    table.add_row("[bold]total (model)[/bold]", "", "", human(prof.flops), human(prof.params), ms(prof.latency), "")
+        table_.add_row(escape(lp.name), lp.type, lp.spec.describe(), human(lp.dense.flops), human(lp.dense.params),
+                       ms(lp.latency), escape(methods_text))
+    table_.add_section()
+    table_.add_row("[bold]total (model)[/bold]", "", "", human(prof.flops), human(prof.params), ms(prof.latency), "")
     console = get_console()
-    console.print(table)
+    console.print(table_)
     console.print("FLOPs: fvcore convention, one multiply-add = one FLOP. Break-even rank: above it the "
-                  "decomposition costs more FLOPs than the dense layer.")
-    if not args.no_latency:
-        console.print(f"latency: median on {escape(device_text)}, {threads} thread(s), batch {x.shape[0]}")
+                  "decomposition costs more FLOPs than the dense layer"
+                  + ("; latency break-even: the largest measured rank faster than the dense layer on this device"
+                     " (a search under a latency budget offers nothing above it)." if args.latency else "."))
+    if table is not None:
+        console.print(f"latency: {table.statistic} of the timed samples on {escape(table.device_name)}, {table.threads} thread(s), "
+                      f"batch {bs}; table {escape(str(table.path))} ({len(table)} entries, {table.measurements} measured now; "
+                      "a search on the same target reads it)")
     if budget is not None:
         reach = data["budget"]["smallest_reachable"]
         console.print(f"budget {budget.text()}: {budget.describe()}; smallest reachable: "
@@ -265,9 +281,19 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def _example(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(shape, generator=g, dtype=x.dtype if x.is_floating_point() else torch.float32)
+@contextlib.contextmanager
+def _table_progress(err, quiet: bool, text: str):
+    """A progress bar for the latency table (nothing with --json)."""
+    if quiet:
+        yield None
+        return
+    with Progress(TextColumn(text), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(text, total=1)
+
+        def update(done, total, what):
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 def add_commands(sub) -> None:
@@ -306,7 +332,11 @@ def add_commands(sub) -> None:
     model_args(pr)
     pr.add_argument("--device", default="cpu", help="where to measure latency: cpu, cuda, cuda:N (default cpu)")
     pr.add_argument("--batch-size", type=int, help="batch size for the measurement (default: the input's)")
-    pr.add_argument("--threads", type=int, help="CPU threads during measurement (default: torch's current setting)")
+    pr.add_argument("--threads", type=int, help="CPU threads during measurement (default: the machine's physical cores, as a search)")
+    pr.add_argument("--latency", action="store_true",
+                    help="also measure every replacement of the search space's grid and show each method's latency break-even "
+                         "rank (the search reads the same table)")
+    pr.add_argument("--space", default="default", metavar="NAME|FILE", help="with --latency: the search space (default: default)")
     pr.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     pr.add_argument("--budget", help="also check a budget, e.g. 30%%flops or flops<=1.2G,latency<=4ms")
     pr.add_argument("--json", action="store_true", help="machine-readable output")

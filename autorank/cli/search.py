@@ -31,6 +31,9 @@ SEARCH_EXAMPLES = """examples:
   autorank search --model mymodel.py:build --task mytask.py:make_task --budget latency<=4ms
   autorank search --model hf:path/to/llama --task perplexity:wiki.txt --budget 80%params --dtype bfloat16 --seq-len 256
   autorank search --budget 30%flops --address auto --workers 8 --gpus-per-trial 0.5   # on a Ray cluster
+  autorank search --budget 50%latency --device cpu --threads 2                        # latency on this CPU, 2 threads
+  autorank search --budget latency<=4ms --device cuda --batch-size 32 --address auto \
+      --resources '{"accelerator_type:A100": 0.01}'        # latency table and front measured on an A100 node
 
 The same command run again resumes the run directory (no finished trial is redone).
 FLOPs follow fvcore's convention: one multiply-add = one FLOP."""
@@ -159,7 +162,8 @@ def cmd_search(args) -> int:
             args.model, args.task, budget=args.budget, space=space, trials=args.trials, out=out, seed=args.seed,
             sampler=args.sampler, finetune=args.finetune, finetune_steps=args.finetune_steps,
             warm_start=not args.no_warm_start, sensitivity_points=args.sensitivity_points, executor=executor, progress=prog,
-            cache_dir=args.cache_dir, sensitivity_mode=args.sensitivity,
+            cache_dir=args.cache_dir, sensitivity_mode=args.sensitivity, device=args.device, batch_size=args.batch_size,
+            threads=args.threads, align=_align(args.align),
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -205,20 +209,53 @@ def _is_perplexity(result) -> bool:
     return (settings.get("task") or {}).get("metric") == "neg-log-perplexity"
 
 
+def _align(text: Optional[str]):
+    if text is None:
+        return "auto"
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text in ("auto", "device", "none"):
+        return text
+    raise CLIError(f"--align {text!r}: expected auto, device, none or a multiple such as 8")
+
+
+def _speedup(m) -> str:
+    if not m.speedup:
+        return "-"
+    return f"{m.speedup:.2f}x" + (" [red]over budget[/]" if m.latency_breach else "")
+
+
 def _print_front(result, console) -> None:
     base = result.base_score
     ppl = _is_perplexity(result)
     scored = f"base score {base:.4g}" + (f" = -log perplexity {math.exp(-base):.4g}" if ppl else "")
     t = Table(title=f"Pareto front — budget {result.budget} ({scored}; FLOPs: one multiply-add = one FLOP)")
-    for col in ("trial", "methods", "score") + (("perplexity",) if ppl else ()) + ("FLOPs", "params", "latency", "fine-tuned", "origin"):
+    for col in ("trial", "methods", "score") + (("perplexity",) if ppl else ()) + ("FLOPs", "params", "latency", "speed-up",
+                                                                                     "fine-tuned", "origin"):
         t.add_column(col, overflow="fold")
     for m in result.front:
         extra = (f"{math.exp(-m.score):.4g}",) if ppl else ()
         t.add_row(str(m.trial), m.summary, f"{m.score:.4g}", *extra, pct(m.flops_ratio), pct(m.params_ratio),
-                  _ms(m.latency_measured_s), "yes" if m.finetuned else "no", m.origin)
+                  _ms(m.latency_measured_s), _speedup(m), "yes" if m.finetuned else "no", m.origin)
     console.print(t)
+    lat = result.latency or {}
     if result.original_latency_s:
-        console.print(f"original model latency: {_ms(result.original_latency_s)} (measured side by side, 1 thread)")
+        where = lat.get("measured_on") or {}
+        node = where.get("node_ip") or where.get("host")
+        n = lat.get("threads_used") or lat.get("threads")
+        threads = f"{n} thread{'' if n == 1 else 's'}" if n else "default threads"
+        console.print(f"original model latency: {_ms(result.original_latency_s)}; every latency measured end to end, side by side, "
+                      f"on {lat.get('device_name') or lat.get('device', '?')} ({lat.get('device', '?')}, batch {lat.get('batch_size', 1)}, "
+                      f"{threads}{', node ' + str(node) if node else ''}; {lat.get('statistic', 'median')} of the timed samples); "
+                      "speed-up = original / member")
+    share = lat.get("cpu_share")
+    if share is not None and share < 0.8 and (lat.get("threads_used") or 1) > 1:
+        console.print(f"[yellow]the machine was busy while measuring (a probe thread got {share:.0%} of a core): latencies "
+                      f"with {lat.get('threads_used')} threads include waiting for cores; --threads 1 measures more steadily[/]")
+    breaching = [m.trial for m in result.front if m.latency_breach]
+    if breaching:
+        console.print(f"[yellow]re-measured over the latency budget (never picked by --pick): trial(s) "
+                      f"{', '.join(map(str, breaching))}[/]")
 
 
 # ---------------------------------------------------------------------- front
@@ -335,6 +372,13 @@ def add_commands(sub) -> None:
     s.add_argument("--sensitivity", default="estimate", choices=("estimate", "full"),
                    help="layer sensitivity table: estimate (default: layer output errors from one pass over the calibration "
                         "batches, calibrated by a few evaluations) or full (every probe evaluated)")
+    s.add_argument("--device", metavar="DEV", help="where latency is measured (budget, table, front): cpu, cuda, cuda:N "
+                                                   "(default: the task's device); on Ray, a node with it")
+    s.add_argument("--batch-size", type=int, metavar="B", help="batch size of every latency measurement (default 1)")
+    s.add_argument("--threads", type=int, metavar="T", help="CPU threads of every latency measurement (default: the target "
+                                                            "machine's physical cores)")
+    s.add_argument("--align", metavar="MODE", help="rank alignment: auto (to the device's measured latency steps under a "
+                                                   "latency budget; default), device (under any budget), none, or a multiple such as 8")
     s.set_defaults(func=cmd_search)
 
     f = sub.add_parser("front", help="show a run's Pareto front and write pareto.png / pareto.html", epilog=FRONT_EXAMPLES,

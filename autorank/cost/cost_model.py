@@ -9,7 +9,7 @@ that the search can cost, repair and compare thousands of plans cheaply.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from autorank.cost.budget import Budget
 from autorank.cost.latency import estimate_latency
@@ -26,25 +26,40 @@ class CostModel:
 
     ``latency``: ``(table, base_latency_s)`` when the budget constrains latency;
     per-layer latency deltas then come from the table (see
-    :func:`autorank.cost.latency.estimate_latency`).
+    :func:`autorank.cost.latency.estimate_latency`). ``ranks``: ``{(layer,
+    method, ρ): rank}`` that overrides the rank a choice builds (device-aware
+    alignment and the latency break-even, :func:`autorank.cost.latency.device_ranks`).
+    ``margins``: ``{metric: amount}`` kept in reserve below the budget's limit
+    (a latency calibration's largest residual, :mod:`autorank.cost.latency_calibration`).
     """
 
-    def __init__(self, profile: ModelProfile, budget: Budget, align: Optional[int] = None, latency: Optional[tuple[Any, float]] = None):
+    def __init__(self, profile: ModelProfile, budget: Budget, align: Optional[int] = None, latency: Optional[tuple[Any, float]] = None,
+                 ranks: Optional[Mapping[tuple[str, str, float], Any]] = None, margins: Optional[Mapping[str, float]] = None):
         self.profile = profile
         self.budget = budget
         self.align = align
         self.latency = latency
+        self.ranks = {(n, m, round(float(r), 6)): v for (n, m, r), v in (ranks or {}).items()}
         self.original: dict[str, float] = {"flops": float(profile.flops), "params": float(profile.params)}
         if latency is not None:
             self.original["latency"] = float(latency[1])
         self.metrics = ("flops", "params") + (("latency",) if latency is not None else ())
         self.limits = budget.limits(self.original)
+        for m, reserve in (margins or {}).items():  # what the estimate may miss (a latency calibration's residual)
+            if m in self.limits and reserve > 0:
+                self.limits[m] = max(self.limits[m] - reserve, 0.5 * self.limits[m])
         self.objective_metric = budget.metrics[0]
         self._memo: dict[tuple, dict[str, float]] = {}
 
+    def _replacement(self, name: str, method: str, rho: float) -> tuple[int, int, Any]:
+        rank = self.ranks.get((name, method, round(float(rho), 6))) if self.ranks else None
+        if rank is not None:
+            return self.profile.replacement_delta(name, method, rank)
+        return self.profile.replacement_delta(name, method, float(rho), self.align)
+
     def concrete_rank(self, name: str, method: str, rho: float):
-        """The method's rank that choice ``(method, rho)`` of layer ``name`` builds (``align`` applied)."""
-        return self.profile.replacement_delta(name, method, float(rho), self.align)[2]
+        """The method's rank that choice ``(method, rho)`` of layer ``name`` builds (``align`` or ``ranks`` applied)."""
+        return self._replacement(name, method, rho)[2]
 
     def layer_delta(self, name: str, choice: tuple[str, float]) -> dict[str, float]:
         """Change of each metric when layer ``name`` takes ``choice`` instead of staying dense."""
@@ -56,7 +71,7 @@ class CostModel:
         if method == "none":
             d = {m: 0.0 for m in self.metrics}
         else:
-            dp, df, rank = self.profile.replacement_delta(name, method, float(rho), self.align)
+            dp, df, rank = self._replacement(name, method, rho)
             d = {"flops": float(df), "params": float(dp)}
             if self.latency is not None:
                 table, base = self.latency

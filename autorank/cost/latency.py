@@ -19,6 +19,21 @@ dimensions are a known reason for poor GPU efficiency (tensor-core tiles,
 vectorised loads). A plan entry's ``align`` option (applied by
 :func:`autorank.decompose`) is honoured by :func:`estimate_latency`.
 
+**Device-aware alignment and break-even** (:func:`device_ranks`). A layer's
+latency is not a smooth function of its rank: kernels tile the inner dimension
+(SIMD width and cache blocking on a CPU, tensor-core tiles on a GPU), so the
+time often stays flat over a range of ranks and jumps at the edge of a tile. A
+rank just above an edge costs as much as the top of the next step and keeps
+less. :func:`grid_candidates` adds, around each rank of the search's ρ grid, the
+multiples of 8, 16 and 32 (and 64 on a GPU) just below and above it; once they
+are measured, each grid rank moves up to the largest probed rank that is no
+slower (within :data:`SNAP_TOLERANCE`): the top of its step *on this device*,
+instead of a fixed multiple of 8. Under a latency budget a replacement that the
+table says is not faster than the dense layer is never offered (its ρ is mapped
+to the largest rank that is, or the method is dropped for that layer): the
+latency break-even, next to the FLOPs break-even of
+:meth:`autorank.cost.profile.LayerProfile.break_even`.
+
 Measured here (2-core shared CPU, see ``benchmarks/bench_latency_estimator.py``):
 the estimate's median absolute error against end-to-end measurement of
 decomposed ResNet-50, demo-CNN and BERT-style models is about 5%, against about
@@ -27,9 +42,11 @@ decomposed ResNet-50, demo-CNN and BERT-style models is about 5%, against about
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -38,13 +55,21 @@ from torch import nn
 from autorank import methods as registry
 from autorank.cost.latency_table import LatencyTable, layer_signature, model_signature, rank_text, with_batch
 from autorank.cost.timing import LatencyError, Timing, combine_timings
+from autorank.errors import RankError
 from autorank.methods._base import Rank, align_rank
 from autorank.plan import LayerPlan, Plan
 
 logger = logging.getLogger("autorank")
 
 __all__ = [
+    "DeviceRanks",
+    "PROBE_MULTIPLES",
+    "SNAP_TOLERANCE",
     "align_plan",
+    "batch_inputs",
+    "device_ranks",
+    "grid_candidates",
+    "probe_ranks",
     "build_table",
     "concrete_rank",
     "model_dtype",
@@ -124,14 +149,23 @@ def _example_inputs(model: nn.Module, profile: Any, batch_size: int) -> tuple:
     if not example:
         shape = with_batch(tuple(profile.input_shape), batch_size, profile.input_shape[0])
         return (torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(model_dtype(model)),)
+    return batch_inputs(example, batch_size, model_dtype(model))
+
+
+def batch_inputs(example: Any, batch_size: int, dtype: Optional[torch.dtype] = None) -> tuple:
+    """``example`` (a tensor or a tuple) at ``batch_size``: repeated (or cut) along the first dimension of each tensor.
+
+    Floating-point tensors are cast to ``dtype`` when given; everything else is kept.
+    """
+    example = example if isinstance(example, (tuple, list)) else (example,)
     out = []
     for t in example:
         if isinstance(t, torch.Tensor) and t.dim() > 0:
             shape = with_batch(tuple(t.shape), batch_size, int(t.shape[0]))
             reps = shape[0] // int(t.shape[0]) if t.shape[0] else 1
             t = t.repeat(reps, *([1] * (t.dim() - 1))) if reps > 1 else t[: shape[0]]
-            if t.is_floating_point():
-                t = t.to(model_dtype(model))
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
         out.append(t)
     return tuple(out)
 
@@ -257,7 +291,10 @@ def estimate_latency(
 ) -> float:
     """Latency (s) of the model decomposed by ``plan``, from the table, with no model run.
 
-    ``base latency − Σ dense latency of replaced layers + Σ replacement latency``.
+    ``base latency + k · (Σ replacement latency − Σ dense latency of replaced layers)
+    + c · (operators the replacements add)``, ``k`` and ``c`` the model's calibration on
+    the table's target (1 and 0 until :func:`autorank.cost.latency_calibration.calibrate`
+    has fitted them).
     ``plan``: a Plan or ``{name: (method, rank)}`` (like ``ModelProfile.estimate``),
     ranks concrete or fractions. ``base_latency``: seconds or a Timing (default:
     the table's measurement of this model). Entries missing from the table are
@@ -276,7 +313,7 @@ def estimate_latency(
     else:
         base = base_latency.median if isinstance(base_latency, Timing) else float(base_latency)
     named = dict(model.named_modules()) if model is not None else {}
-    total = base
+    change, added = 0.0, 0
     for name, method, rank, options in _plan_items(plan):
         if method in ("none", None):
             continue
@@ -298,5 +335,187 @@ def estimate_latency(
                 dense = table.measure_layer(named[name], shape)
             if repl is None:
                 repl = table.measure_layer(named[name], shape, mname, concrete)
-        total += repl - dense
-    return total
+        change += repl - dense
+        added += table.get_ops(sig, shape, mname, concrete) - table.get_ops(sig, shape)
+    k, per_op = table.get_calibration(model_signature(profile, bs))
+    return base + k * change + per_op * added
+
+
+# ---------------------------------------------------------------------- device-aware ranks
+#: a larger rank whose measured latency is at most this much above a rank's counts as costing the same
+SNAP_TOLERANCE = 0.03
+#: the multiples probed around each grid rank (their floors and ceilings), on a CPU and on a GPU
+PROBE_MULTIPLES = {"cpu": (8, 16, 32), "cuda": (8, 16, 32, 64)}
+
+
+def _multiples_for(device: Union[str, torch.device, None]) -> tuple[int, ...]:
+    kind = torch.device(device).type if device is not None else "cpu"
+    return PROBE_MULTIPLES.get(kind, PROBE_MULTIPLES["cpu"])
+
+
+def probe_ranks(method: str, spec: Any, rank: Rank, multiples: Sequence[int] = PROBE_MULTIPLES["cpu"]) -> list[Rank]:
+    """The ranks around ``rank`` where a latency step may end: multiples of each ``multiples`` just below and above it.
+
+    Tuple ranks (Tucker-2's ``(r_in, r_out)``) move every component to the same
+    multiple. Only valid ranks of the method on ``spec`` are returned, ``rank``
+    itself included, without duplicates, smallest first.
+    """
+    m = registry.get(method)
+    mx = m.max_rank(spec)
+    out: list[Rank] = [rank]
+
+    def add(cand: Any) -> None:
+        try:
+            r = m.normalize_rank(spec, list(cand) if isinstance(cand, tuple) else cand)
+        except RankError:
+            return
+        if r not in out:
+            out.append(r)
+
+    for g in multiples:
+        if isinstance(rank, tuple):
+            maxes = mx if isinstance(mx, tuple) else (mx,) * len(rank)
+            add(tuple(max(1, (r // g) * g) for r in rank))
+            add(tuple(min(int(x), -(-r // g) * g) for r, x in zip(rank, maxes)))
+        else:
+            if rank // g:
+                add((rank // g) * g)
+            add(min(int(mx), -(-rank // g) * g) if isinstance(mx, int) else -(-rank // g) * g)
+    return sorted(out, key=lambda r: m.cost(spec, r).flops)
+
+
+def grid_candidates(
+    profile: Any,
+    grid: Mapping[str, Sequence[tuple[str, float]]],
+    *,
+    align: Optional[int] = None,
+    probe: bool = True,
+    device: Union[str, torch.device, None] = "cpu",
+) -> dict[str, list[tuple[str, Rank]]]:
+    """``{layer: [(method, concrete rank), ...]}`` to measure for a search grid ``{layer: [(method, ρ), ...]}``.
+
+    Each ρ's rank (``align`` applied, as the cost model does), and with
+    ``probe`` the ranks :func:`probe_ranks` adds around it (multiples for
+    ``device``'s kind). Pass the result to :func:`build_table`.
+    """
+    multiples = _multiples_for(device)
+    out: dict[str, list[tuple[str, Rank]]] = {}
+    for name, pairs in grid.items():
+        lp = profile.layers[name]
+        seen: list[tuple[str, Rank]] = []
+        for method, rho in pairs:
+            if method in ("none", "dense", None):
+                continue
+            mname = registry.get(method).name
+            r0 = profile.replacement_delta(name, mname, float(rho), align)[2]
+            for r in (probe_ranks(mname, lp.spec, r0, multiples) if probe else [r0]):
+                if (mname, r) not in seen:
+                    seen.append((mname, r))
+        out[name] = seen
+    return out
+
+
+@dataclass
+class DeviceRanks:
+    """What the latency table says about the search grid on one device (see :func:`device_ranks`).
+
+    ``ranks``: ``{(layer, method, ρ): rank to build}``; ``refused``: ``{layer:
+    [(method, ρ), ...]}`` whose rank is not faster than the dense layer (only
+    with the break-even rule); ``dropped``: ``{layer: [methods refused at every
+    ρ]}``; ``break_even``: ``{layer: {method: the largest measured rank faster
+    than the dense layer, or None}}``; ``moved``: how many grid ranks the
+    alignment changed.
+    """
+
+    ranks: dict[tuple[str, str, float], Rank] = field(default_factory=dict)
+    refused: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+    break_even: dict[str, dict[str, Optional[Rank]]] = field(default_factory=dict)
+    moved: int = 0
+    #: seconds a latency budget keeps in reserve (the table's calibration margin; set by the caller)
+    margin: float = 0.0
+
+    @property
+    def n_refused(self) -> int:
+        return sum(len(v) for v in self.refused.values())
+
+
+def _flops(method: Any, lp: Any, rank: Rank) -> int:
+    return method.cost(lp.spec, rank, lp.input_shape).flops
+
+
+def _layer_lookup(profile: Any, table: LatencyTable, name: str) -> tuple[Callable[[str, Optional[Rank]], Optional[float]], Any]:
+    lp = profile.layers[name]
+    profile_batch = int(profile.input_shape[0]) if profile.input_shape else 1
+    shape = with_batch(lp.input_shape, table.batch_size, profile_batch)
+    sig = layer_signature(lp.spec, shape, type_name=lp.type)
+
+    def latency(method: str, rank: Optional[Rank]) -> Optional[float]:
+        return table.get(sig, shape) if rank is None else table.get(sig, shape, method, rank)
+
+    return latency, lp
+
+
+def device_ranks(
+    profile: Any,
+    table: LatencyTable,
+    grid: Mapping[str, Sequence[tuple[str, float]]],
+    *,
+    snap: bool = True,
+    break_even: bool = False,
+    align: Optional[int] = None,
+    tolerance: float = SNAP_TOLERANCE,
+) -> DeviceRanks:
+    """The rank each grid choice builds on this device, from the measured table.
+
+    For every (layer, method), ρ ascending: the ρ's rank (``align`` applied);
+    with ``snap``, moved up to the largest probe of :func:`probe_ranks` whose
+    measured latency is at most ``(1 + tolerance)`` × the rank's (the top of its
+    latency step: more rank at the same cost), never to a rank the method
+    refuses (:meth:`~autorank.methods.BaseMethod.rank_refusal`), and never below
+    the previous ρ's rank. With ``break_even``, a (method, ρ) whose rank's
+    measured latency is not below the dense layer's is refused (the search never
+    offers it: :class:`autorank.search.space.LayerChoice` runs the largest
+    offered ρ below it instead); a method refused at every ρ is dropped for the
+    layer. Ranks missing from the table stay as they are and are offered.
+    """
+    out = DeviceRanks()
+    multiples = _multiples_for(table.device)
+    for name, pairs in grid.items():
+        latency, lp = _layer_lookup(profile, table, name)
+        dense = latency("", None)
+        by_method: dict[str, list[float]] = {}
+        for method, rho in pairs:
+            if method not in ("none", "dense", None):
+                by_method.setdefault(registry.get(method).name, []).append(float(rho))
+        for mname, rhos in by_method.items():
+            m = registry.get(mname)
+            flops = functools.partial(_flops, m, lp)
+            rhos = sorted(rhos)
+            chosen: list[Rank] = []
+            for rho in rhos:
+                r0 = profile.replacement_delta(name, mname, rho, align)[2]
+                r = r0
+                t0 = latency(mname, r0)
+                if snap and t0 is not None:
+                    for c in probe_ranks(mname, lp.spec, r0, multiples):
+                        t = latency(mname, c)
+                        if (t is not None and t <= t0 * (1 + tolerance) and flops(c) > flops(r)
+                                and m.rank_refusal(lp.spec, c, lp.input_shape) is None):
+                            r = c
+                if chosen and flops(chosen[-1]) > flops(r):
+                    r = chosen[-1]
+                out.moved += r != r0
+                chosen.append(r)
+                out.ranks[(name, mname, round(rho, 6))] = r
+            measured = [r for r in {*chosen, *(c for r0 in chosen for c in probe_ranks(mname, lp.spec, r0, multiples))}
+                        if latency(mname, r) is not None]
+            faster = [r for r in measured if dense is not None and latency(mname, r) < dense]
+            out.break_even.setdefault(name, {})[mname] = max(faster, key=flops) if faster else None
+            if break_even and dense is not None:
+                slow = [(mname, rho) for rho, r in zip(rhos, chosen) if latency(mname, r) is not None and latency(mname, r) >= dense]
+                if slow:
+                    out.refused.setdefault(name, []).extend(slow)
+                if len(slow) == len(rhos):
+                    out.dropped.setdefault(name, []).append(mname)
+    return out

@@ -37,6 +37,8 @@ logger = logging.getLogger("autorank")
 
 __all__ = [
     "LatencyTable",
+    "STATISTICS",
+    "count_ops",
     "default_table_dir",
     "layer_signature",
     "model_signature",
@@ -46,6 +48,9 @@ __all__ = [
 ]
 
 _FORMAT = "autorank-latency-table"
+#: what a table may read of a timing: the median of the samples, or the fastest sample (the latency of an idle device:
+#: on a shared machine the other processes only ever add time, see autorank.cost.timing.measure)
+STATISTICS = ("median", "min")
 _FORMAT_VERSION = 1
 
 
@@ -135,6 +140,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "device"
 
 
+def count_ops(module: nn.Module) -> int:
+    """The operators a layer or its replacement runs: its leaf modules (at least 1)."""
+    return max(1, sum(1 for m in module.modules() if not any(True for _ in m.children())))
+
+
 def random_fill_(module: nn.Module, seed: int = 0) -> None:
     """Fill parameters with small random values (weights ~ N(0, 1/fan_in), biases 0); buffers with 0/1s.
 
@@ -183,10 +193,18 @@ class LatencyTable:
         clock: str = "wall",
         device_name_override: Optional[str] = None,
         torch_version: Optional[str] = None,
+        statistic: str = "median",
+        max_time: Optional[float] = None,
     ) -> None:
         """``device_name_override`` and ``torch_version`` name a configuration other than this
         machine's, to read a table measured elsewhere (see :meth:`open`); such a table cannot be
-        added to here."""
+        added to here. ``statistic``: what :meth:`get` returns of each entry's timing, ``median``
+        or ``min`` (every entry keeps both: it is a reading, not part of the validity key)."""
+        if statistic not in STATISTICS:
+            raise LatencyError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+        self.statistic = statistic
+        #: bounds each measurement of a slow layer or model (see :func:`autorank.cost.timing.measure`)
+        self.max_time = max_time
         self.device = str(device)
         if device_name_override is not None:
             self.device_name = device_name_override
@@ -236,7 +254,8 @@ class LatencyTable:
 
     @classmethod
     def from_dict(
-        cls, data: Mapping[str, Any], directory: Union[str, os.PathLike, None] = None, *, expected_path: Optional[Path] = None
+        cls, data: Mapping[str, Any], directory: Union[str, os.PathLike, None] = None, *, expected_path: Optional[Path] = None,
+        statistic: str = "median",
     ) -> "LatencyTable":
         """A table from :meth:`to_dict` (e.g. returned by :func:`profile_latency_job` on another machine).
 
@@ -250,7 +269,7 @@ class LatencyTable:
             table = cls(
                 directory, device=str((data.get("measured_on") or {}).get("device", "cpu")), dtype=v["dtype"],
                 threads=int(v["threads"]), batch_size=int(v["batch_size"]), clock=v.get("clock", "wall"),
-                device_name_override=str(v["device_name"]), torch_version=str(v["torch"]),
+                device_name_override=str(v["device_name"]), torch_version=str(v["torch"]), statistic=statistic,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LatencyError(f"{where}: malformed validity key {dict(v)!r}: {exc}") from None
@@ -400,7 +419,11 @@ class LatencyTable:
         ``module_or_spec``: the layer, its LayerSpec, or a signature from :func:`layer_signature`.
         """
         hit = self.entries.get(self._key_of(module_or_spec, input_shape, method, rank))
-        return None if hit is None else float(hit["median"])
+        return None if hit is None else self._value(hit)
+
+    def _value(self, record: Mapping[str, Any]) -> float:
+        """The table's statistic of one recorded timing (records of a bare number have only a median)."""
+        return float(record.get(self.statistic, record["median"]))
 
     def put(
         self,
@@ -422,7 +445,27 @@ class LatencyTable:
     def get_model(self, signature: str) -> Optional[float]:
         """Median latency (s) of a whole model recorded under ``signature`` (see :func:`model_signature`)."""
         hit = self.models.get(signature)
-        return None if hit is None else float(hit["median"])
+        return None if hit is None else self._value(hit)
+
+    def get_ops(self, module_or_spec: Union[nn.Module, LayerSpec, str], input_shape: Sequence[int] = (),
+                method: Optional[str] = None, rank: Optional[Rank] = None) -> int:
+        """How many operators (leaf modules) the dense layer or replacement runs (recorded when measured; else 1 or 2)."""
+        hit = self.entries.get(self._key_of(module_or_spec, input_shape, method, rank))
+        default = 1 if method in (None, "dense") else 2
+        return int(hit.get("ops", default)) if hit else default
+
+    def get_calibration(self, signature: str) -> tuple[float, float]:
+        """``(k, c)`` of the model under ``signature``: the estimated change is ``k · Σ (replacement − dense) +
+        c · (operators added)``; ``(1, 0)`` when not calibrated (see :mod:`autorank.cost.latency_calibration`)."""
+        hit = self.models.get(f"calibration|{signature}")
+        if not hit:
+            return 1.0, 0.0
+        return float(hit.get("scale", 1.0)), float(hit.get("per_op", 0.0))
+
+    def get_margin(self, signature: str) -> float:
+        """Seconds a latency budget keeps in reserve for the model under ``signature`` (0 when not calibrated)."""
+        hit = self.models.get(f"calibration|{signature}")
+        return float(hit.get("margin", 0.0)) if hit else 0.0
 
     def put_model(self, signature: str, timing: Union[Timing, float]) -> None:
         self.models[signature] = timing.to_dict() if isinstance(timing, Timing) else {"median": float(timing)}
@@ -449,7 +492,7 @@ class LatencyTable:
     def _timing(self, module: nn.Module, x: torch.Tensor, dev: torch.device) -> Timing:
         return measure(
             module, x, device=dev, warmup=self.warmup, repeats=self.repeats, threads=self.threads,
-            min_time=self.min_time, clock=self.clock,
+            min_time=self.min_time, clock=self.clock, max_time=self.max_time,
         )
 
     def measure_layer(
@@ -483,7 +526,7 @@ class LatencyTable:
             concrete = m.resolve_rank(module, rank, shape)
         key = self._key_of(module, shape, None if m is None else m.name, concrete)
         if not force and key in self.entries:
-            return float(self.entries[key]["median"])
+            return self._value(self.entries[key])
         dev = self._check_can_measure()
         if m is None:
             layer = _dense_copy(module)
@@ -495,30 +538,32 @@ class LatencyTable:
         g = torch.Generator(device="cpu").manual_seed(1)
         x = torch.randn(shape, generator=g, dtype=torch.float32).to(device=dev, dtype=self.dtype)
         timing = self._timing(layer, x, dev)
+        ops = count_ops(layer)
         del layer
         self.measurements += 1
         self.put(module, shape, None if m is None else m.name, concrete, timing)
+        self.entries[self._key_of(module, shape, None if m is None else m.name, concrete)]["ops"] = ops
         logger.debug("latency %s %s %s: %s", layer_signature(module, shape), m.name if m else "dense", rank_text(concrete), timing)
         if save:
             self.save()
-        return timing.median
+        return self._value(timing.to_dict())
 
     def measure_model(self, model: nn.Module, inputs: Any, signature: str, *, force: bool = False, save: bool = True) -> float:
         """Median latency (s) of the whole ``model`` on ``inputs``, recorded under ``signature``."""
         if not force and signature in self.models:
-            return float(self.models[signature]["median"])
+            return self._value(self.models[signature])
         timing = self._model_timing(model, inputs)
         self.measurements += 1
         self.put_model(signature, timing)
         if save:
             self.save()
-        return timing.median
+        return self._value(timing.to_dict())
 
     def _model_timing(self, model: nn.Module, inputs: Any) -> Timing:
         dev = self._check_can_measure()
         return measure(
             model, inputs, device=dev, warmup=max(2, self.warmup), repeats=self.repeats, threads=self.threads,
-            min_time=max(self.min_time, 0.25), clock=self.clock,
+            min_time=max(self.min_time, 0.25), clock=self.clock, max_time=self.max_time,
         )
 
 

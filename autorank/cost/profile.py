@@ -43,7 +43,9 @@ class LayerProfile:
     dense: Cost
     reasons: dict[str, Optional[str]]
     excluded: Optional[str] = None
-    latency: Optional[float] = None  # seconds, median, when measured
+    latency: Optional[float] = None  # seconds, when measured
+    #: per method, the largest measured rank whose latency is below the dense layer's (None: none is), when measured
+    latency_break_even: dict[str, Optional[Rank]] = field(default_factory=dict)
 
     def applicable(self) -> list[str]:
         if self.excluded:
@@ -51,7 +53,12 @@ class LayerProfile:
         return [m for m, why in self.reasons.items() if why is None]
 
     def break_even(self, method: str) -> Optional[Rank]:
-        """The largest rank whose replacement costs no more FLOPs than the dense layer (None: never cheaper)."""
+        """The largest rank whose replacement costs no more FLOPs than the dense layer (None: never cheaper).
+
+        Its latency counterpart, measured on a device, is ``latency_break_even[method]``
+        (see :func:`autorank.cost.latency.device_ranks`): on a CPU it is often far
+        below this one, since a factorized layer runs more, smaller kernels.
+        """
         m = registry.get(method)
         path = m.rank_path(self.spec)
         if m.cost(self.spec, path[0], self.input_shape).flops > self.dense.flops:
@@ -99,6 +106,9 @@ class LayerProfile:
                 if refused is not None:  # ranks from refused_from_rank on are left out of search spaces
                     r0, why = refused
                     out["methods"][m] |= {"refused_from_rank": list(r0) if isinstance(r0, tuple) else r0, "refusal": why}
+                if m in self.latency_break_even:
+                    lb = self.latency_break_even[m]
+                    out["methods"][m]["latency_break_even_rank"] = list(lb) if isinstance(lb, tuple) else lb
             else:
                 out["methods"][m] = {"applies": False, "reason": self.excluded or why}
         return out

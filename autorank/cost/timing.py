@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +24,10 @@ from torch import nn
 from autorank._format import format_seconds
 from autorank.errors import AutorankError
 
-__all__ = ["DeviceError", "LatencyError", "Timing", "measure", "device_name", "resolve_device", "combine_timings"]
+__all__ = [
+    "DeviceError", "LatencyError", "Timing", "measure", "measure_side_by_side", "device_name", "resolve_device",
+    "combine_timings", "default_threads", "cpu_share",
+]
 
 #: a timed sample on CPU/GPU is at least this long: tiny layers are called several times per sample
 _TARGET_SAMPLE_S = 1e-3
@@ -80,6 +84,59 @@ def _cpu_model_name() -> str:
                 ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
             ).stdout.strip()
     return name or f"unknown {platform.machine() or 'cpu'}"
+
+
+@functools.lru_cache(maxsize=1)
+def _physical_cores() -> int:
+    """Physical cores this process may run on (/proc/cpuinfo's core ids within the affinity mask), else logical CPUs."""
+    try:
+        allowed = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        allowed = set(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    try:
+        proc = phys = core = None
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in [*f, ""]:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    proc = int(value)
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id":
+                    core = value
+                elif not key:  # end of one processor's block
+                    if proc is not None and proc in allowed:
+                        cores.add((phys or "0", core if core is not None else str(proc)))
+                    proc = phys = core = None
+    except (OSError, ValueError):
+        pass
+    return max(1, len(cores) or len(allowed))
+
+
+def default_threads() -> int:
+    """The machine's default number of CPU threads for latency: its physical cores (torch's own default).
+
+    Not ``torch.get_num_threads()``, which a process may have lowered (a Ray
+    worker runs with ``OMP_NUM_THREADS`` set to the CPUs it reserved; test suites
+    set one thread): a latency target means the machine as deployed.
+    """
+    return _physical_cores()
+
+
+def cpu_share(seconds: float = 0.2) -> float:
+    """The share of a core a busy thread gets right now: 1.0 on an idle machine, 0.5 when it shares a core with one other.
+
+    A latency measured with several threads on a machine where this is well
+    below 1 includes waiting for cores (every parallel region waits for its
+    slowest thread); one thread, or the ``cpu`` clock, measures more steadily.
+    """
+    w0, c0 = time.perf_counter(), time.thread_time()
+    x = 0
+    while time.perf_counter() - w0 < seconds:
+        x += 1
+    return min(1.0, (time.thread_time() - c0) / max(time.perf_counter() - w0, 1e-9))
 
 
 def device_name(device: Union[str, torch.device, None] = "cpu") -> str:
@@ -211,6 +268,7 @@ def measure(
     min_time: float = 0.0,
     number: Optional[int] = None,
     clock: str = "wall",
+    max_time: Optional[float] = None,
 ) -> Timing:
     """Time ``module(*inputs)`` on ``device``.
 
@@ -221,7 +279,9 @@ def measure(
     during the measurement (default: the current count) and is restored after.
 
     ``warmup`` untimed calls, then at least ``repeats`` samples, and more until
-    ``min_time`` seconds have been timed. Each sample times ``number``
+    ``min_time`` seconds have been timed. ``max_time`` bounds a slow module
+    (a whole model at batch 32): warm-up stops once it has taken half of it, and
+    sampling once 3 samples have and the samples have taken it all. Each sample times ``number``
     consecutive calls (default: enough calls for about 1 ms, so that timer and
     event overheads vanish for tiny layers). On CUDA, samples are timed with
     CUDA events and the device is synchronised before results are read.
@@ -250,7 +310,7 @@ def measure(
             args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
             on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
             with torch.inference_mode(), on_device:
-                samples, used_number = _time_calls(lambda: module(*args), dev, warmup, repeats, min_time, number, clock)
+                samples, used_number = _time_calls(lambda: module(*args), dev, warmup, repeats, min_time, number, clock, max_time)
         finally:
             if home is not None and home != dev:
                 module.to(home)
@@ -292,11 +352,19 @@ def _time_calls(
     min_time: float,
     number: Optional[int],
     clock: str = "wall",
+    max_time: Optional[float] = None,
 ) -> tuple[list[float], int]:
     """Per-call seconds of each sample, and the number of calls per sample."""
+    t_warm = time.perf_counter()
     for _ in range(warmup):
         call()
+        if max_time is not None:
+            _sync(dev)
+            if time.perf_counter() - t_warm > max_time / 2:
+                break
     _sync(dev)
+    cap = float("inf") if max_time is None else float(max_time)
+    enough = max(1, min(repeats, 3))
     if number is None:
         # one synchronised call tells how many make a sample of about _TARGET_SAMPLE_S
         timer = time.perf_counter if clock == "wall" else time.thread_time
@@ -309,7 +377,8 @@ def _time_calls(
     samples: list[float] = []
     total = 0.0
     if dev.type == "cuda":
-        while len(samples) < repeats or (total < min_time and len(samples) < _MAX_SAMPLES):
+        while (len(samples) < repeats or (total < min_time and len(samples) < _MAX_SAMPLES)) and not (
+                len(samples) >= enough and total >= cap):
             batch = []
             for _ in range(repeats - len(samples) if len(samples) < repeats else repeats):
                 start = torch.cuda.Event(enable_timing=True)
@@ -326,7 +395,8 @@ def _time_calls(
                 total += s * number
         return samples, number
     timer = time.perf_counter if clock == "wall" else time.thread_time
-    while len(samples) < repeats or (total < min_time and len(samples) < _MAX_SAMPLES):
+    while (len(samples) < repeats or (total < min_time and len(samples) < _MAX_SAMPLES)) and not (
+            len(samples) >= enough and total >= cap):
         t0 = timer()
         for _ in range(number):
             call()
@@ -347,3 +417,46 @@ def combine_timings(timings: Sequence[Timing]) -> Timing:
         max=max(t.max for t in timings), repeats=sum(t.repeats for t in timings), warmup=first.warmup,
         threads=first.threads, device=first.device, batch_size=first.batch_size, number=first.number, clock=first.clock,
     )
+
+
+def measure_side_by_side(
+    modules: Mapping[Any, nn.Module],
+    inputs: Any,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    threads: Optional[int] = None,
+    rounds: int = 5,
+    warmup: int = 3,
+    repeats: int = 10,
+    min_time: float = 0.05,
+    clock: str = "wall",
+    max_time: Optional[float] = None,
+) -> dict[Any, Timing]:
+    """Time several modules on the same inputs, interleaved: ``rounds`` rounds, each timing every module once.
+
+    The order of the modules rotates from round to round, and each module's
+    statistics are the medians over its rounds (:func:`combine_timings`): a slow
+    or fast moment of a shared machine falls on every module alike instead of
+    deciding one of them. This is how the search compares front members with the
+    original (their ratio is the speed-up it reports). With ``max_time``, a
+    module whose first measurement shows that ``warmup + repeats`` calls take
+    longer is timed by one call per later round (a whole model at batch 32).
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise LatencyError(f"rounds must be a positive integer, got {rounds!r}")
+    keys = list(modules)
+    per: dict[Any, list[Timing]] = {k: [] for k in keys}
+    slow: set = set()
+    for i in range(rounds):
+        shift = i % len(keys) if keys else 0
+        for k in keys[shift:] + keys[:shift]:
+            if k in slow:
+                per[k].append(measure(modules[k], inputs, device=device, warmup=0, repeats=1, threads=threads, min_time=0.0,
+                                      number=1, clock=clock))
+                continue
+            t = measure(modules[k], inputs, device=device, warmup=warmup, repeats=repeats, threads=threads,
+                        min_time=min_time, clock=clock, max_time=max_time)
+            per[k].append(t)
+            if max_time is not None and t.median * (warmup + repeats) > max_time:
+                slow.add(k)
+    return {k: combine_timings(v) for k, v in per.items()}

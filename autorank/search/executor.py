@@ -81,9 +81,17 @@ Tune experiments and trials are long (minutes: a second is then noise).
 
 Latency where it belongs
 ------------------------
-:func:`measure_latency_remote` measures a model's latency table as a Ray task
-placed on the node with the target device (``resources``), and returns the
-table with the device it was measured on.
+The search's latency jobs (the per-layer table before the first trial, the
+front's re-measurement after the last) run as Ray tasks placed like the trials
+(``resources``) and, for a CUDA target, on a node with a GPU
+(:meth:`RayExecutor.measure_latency`), never in the driver: a cluster whose head
+has no GPU and whose workers do is the usual case. Each task reserves as many
+CPUs as the measurement's threads, and the trial workers are released before
+the front is measured, so that nothing else of the search runs beside it. A
+request no live node can satisfy fails at the start, in one line naming the
+missing resource (:meth:`RayExecutor.check_latency_target`).
+:func:`measure_latency_remote` measures a model spec's latency table the same
+way, outside a search.
 
 Network exposure: the local instance the executor starts has node address
 127.0.0.1 and every Ray server of it (GCS, raylet, object manager, workers, the
@@ -110,6 +118,7 @@ from autorank.search.ray_common import (
     WAIT_S,
     RayExecutorError,
     absolute_spec,
+    check_placement,
     check_reachable,
     crash_result,
     driver_paths,
@@ -119,7 +128,7 @@ from autorank.search.ray_common import (
     ray_module,
 )
 from autorank.search.ray_tune import TuneEngine
-from autorank.search.ray_worker import TrialWorker, latency_task
+from autorank.search.ray_worker import TrialWorker, latency_job_task, latency_task
 from autorank.zoo import SPEC_ATTR
 
 logger = logging.getLogger("autorank")
@@ -185,8 +194,7 @@ class RayExecutor(BaseExecutor):
     # ------------------------------------------------------------------ connect
     def _connect(self) -> None:
         ray = ray_module()
-        if ray.is_initialized():
-            self._owns_ray = False
+        if ray.is_initialized():  # by someone else, or by this executor already (it then still owns it)
             return
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         if address:
@@ -290,6 +298,55 @@ class RayExecutor(BaseExecutor):
         if self._owns_ray:
             ray_module().shutdown()
             self._owns_ray = False
+
+    # ------------------------------------------------------------------ latency on the target
+    def _latency_need(self, device: str, threads: Optional[int]) -> dict[str, float]:
+        gpus = 1.0 if str(device).startswith("cuda") else 0.0
+        return {"CPU": float(threads or 1), "GPU": gpus, **self.resources}
+
+    def check_latency_target(self, device: str, threads: Optional[int] = None) -> None:
+        """Connect, and fail in one line unless a live node offers the latency jobs' resources (device, threads, ``resources``)."""
+        self._connect()
+        check_placement(self._latency_need(device, threads), f"latency on {device}")
+
+    def measure_latency(self, kind: str, model, payload: dict, progress=None) -> dict:
+        """Run a latency job as a Ray task on a node with the target device and ``resources`` (see the module docstring).
+
+        Reserves ``payload["threads"]`` CPUs (1 when the node's default is
+        wanted) and a whole GPU for a CUDA device. ``progress`` is not reported
+        from a remote node. An :class:`~autorank.errors.AutorankError` raised there
+        (a device the node lacks, a table of another device) is raised here as is.
+        """
+        ray = ray_module()
+        self._connect()
+        device, threads = str(payload["device"]), payload.get("threads")
+        need = self._latency_need(device, threads)
+        check_placement(need, f"latency on {device}")
+        opts: dict[str, Any] = {"num_cpus": need["CPU"], "num_gpus": need["GPU"], "max_retries": 0}
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        env = forwarded_env()
+        if env:
+            opts["runtime_env"] = {"env_vars": env}
+        ref = ray.remote(latency_job_task).options(**opts).remote(driver_paths(), kind, [ray.put(model)], dict(payload))
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, AutorankError):
+                raise cause from None
+            text = (str(cause or exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise RayExecutorError(f"the latency job ({kind}) on {device} failed on the Ray cluster: {text[:300]}") from exc
+
+    def release_workers(self) -> None:
+        """Stop the trial workers (their CPUs, GPUs and resources are free again); stay connected."""
+        if self._impl is not None:
+            try:
+                self.worker_info = self._impl.info()
+            except Exception:  # pragma: no cover - informational
+                pass
+            self._impl.close()
+            self._impl = None
 
     def __enter__(self) -> "RayExecutor":
         return self

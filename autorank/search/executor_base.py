@@ -7,16 +7,24 @@ kind — ``zero_shot``, ``finetune`` or ``save`` — and a JSON-able payload, se
 ``wait`` until every ticket has come back; ``concurrency`` says how many jobs
 it runs at once. :class:`InProcessExecutor` runs them one at a time in this
 process; :class:`autorank.search.executor.RayExecutor` on Ray workers.
+
+Latency is measured where the executor says the target is:
+``check_latency_target`` fails early when it cannot be reached,
+``measure_latency`` runs a latency job (:func:`autorank.search.latency.latency_job`)
+there, and ``release_workers`` frees what the trials hold before the front is
+re-measured. The defaults measure in this process, on this machine.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
-from autorank.search.trial import TrialRunner
+from autorank.cost.timing import resolve_device
+from autorank.search.latency import latency_job
+from autorank.search.trial import TrialRunner, where
 
 __all__ = ["BaseExecutor", "InProcessExecutor", "run_one"]
 
@@ -61,6 +69,20 @@ class BaseExecutor(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Stop the workers and free what :meth:`start` built."""
+
+    # ------------------------------------------------------------------ latency on the target
+    def check_latency_target(self, device: str, threads: Optional[int] = None) -> None:
+        """Fail now (DeviceError) if latency cannot be measured on ``device`` where this executor measures it: here."""
+        resolve_device(device)
+
+    def measure_latency(self, kind: str, model: nn.Module, payload: dict, progress: Optional[Callable] = None) -> dict:
+        """Run the latency job ``kind`` on ``model`` where the target device is (here, in this process)."""
+        out = latency_job(kind, model, payload, progress)
+        out.setdefault("where", where())
+        return out
+
+    def release_workers(self) -> None:  # noqa: B027 - optional hook: nothing to free in this process
+        """Free what the trials hold (workers and the resources they reserved), so that the target is idle for a measurement."""
 
 
 class InProcessExecutor(BaseExecutor):

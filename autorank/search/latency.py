@@ -1,8 +1,26 @@
-"""Latency where the search needs it: the table for a latency budget, the front's re-measurement, the worker job.
+"""Latency where the search needs it: on the target device, as jobs an executor runs there.
+
+The user names a target (:class:`LatencyTarget`: ``--device``, ``--batch-size``,
+``--threads``). Two jobs measure on it, each a plain function of a model and a
+JSON-able payload, so that an executor can run it in this process
+(:class:`~autorank.search.executor_base.InProcessExecutor`) or as a Ray task on a
+node that has the device (:class:`~autorank.search.executor.RayExecutor`):
+
+- ``table`` (:func:`latency_job`): the per-layer latency table for every (layer,
+  method, rank) of the search grid, the ranks probed for device-aware alignment
+  and the whole model, at the target's batch size and threads;
+- ``front``: the original and every front member, end to end, side by side
+  (:func:`autorank.cost.timing.measure_side_by_side`).
+
+The driver then turns the table into the ranks the search may build
+(:func:`autorank.cost.latency.device_ranks`: alignment to the device's latency
+steps, the latency break-even under a latency budget), keeps a copy of the table
+in the run directory (``latency-table.json``, with ``latency.json`` saying where
+and on what it was measured), and refuses, on a resumed run, a table measured on
+another device or configuration.
 
 :func:`profile_latency_job` loads a model spec, profiles it and fills the latency
-table on the machine it runs on, so that a process with the target device (a Ray
-worker with the requested accelerator) can measure with nothing else.
+table on the machine it runs on (see :func:`autorank.search.executor.measure_latency_remote`).
 """
 
 from __future__ import annotations
@@ -11,25 +29,374 @@ import copy
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from autorank import methods as registry
-from autorank.cost.latency import DEFAULT_RHOS, build_table, concrete_rank, default_candidates, model_dtype, normalise_rank
-from autorank.cost.latency_table import LatencyTable, model_signature
+from autorank.batches import to_device
+from autorank.cost.latency import (
+    DEFAULT_RHOS,
+    batch_inputs,
+    build_table,
+    concrete_rank,
+    default_candidates,
+    device_ranks,
+    grid_candidates,
+    model_dtype,
+    normalise_rank,
+)
+from autorank.cost.latency_calibration import calibrate, calibration_plans
+from autorank.cost.latency_table import STATISTICS, LatencyTable, model_signature
 from autorank.cost.profile import profile_model
-from autorank.cost.timing import LatencyError, measure, resolve_device
+from autorank.cost.timing import LatencyError, cpu_share, default_threads, measure_side_by_side, resolve_device
+from autorank.saving import load
+from autorank.search.space import LayerChoice
 from autorank.zoo import example_input, load_model
 
 logger = logging.getLogger("autorank")
 
 Progress = Callable[[dict[str, Any]], None]
 
-__all__ = ["profile_latency_job", "latency_table_for", "measure_front"]
+__all__ = [
+    "ALIGN_MODES", "LatencyTarget", "LatencyTableMismatch", "latency_job", "latency_table_for", "measure_front",
+    "write_latency_files",
+    "profile_latency_job", "profile_table", "search_grid",
+]
+
+#: ``align`` of a search: ``auto`` (device-aware under a latency budget when the space fixes none), ``device``
+#: (device-aware for every budget: the table is measured even for a FLOPs budget), ``none``, or a multiple
+ALIGN_MODES = ("auto", "device", "none")
+TABLE_FILE = "latency-table.json"
+INFO_FILE = "latency.json"
 
 
+class LatencyTableMismatch(LatencyError):
+    """A run directory's latency table was measured on another device or configuration than the target."""
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """Where the search measures latency: ``device`` (``cpu``, ``cuda``, ``cuda:N``), ``batch_size``, ``threads``.
+
+    ``threads`` None: the target machine's default (its physical cores,
+    :func:`autorank.cost.timing.default_threads`), resolved where the measurement
+    runs. ``rounds``: interleaved rounds of the front's re-measurement.
+    ``statistic``: what a latency is of its timed samples (each at least 1 ms of
+    calls): ``min``, the fastest (default: the latency of the device when
+    nothing else runs on it; on a shared machine other processes only ever add
+    time, and the median of a 2-thread measurement moved by 40% from one call
+    to the next on a loaded 2-core machine where the fastest sample moved by
+    1-10%), or ``median``.
+    """
+
+    device: str = "cpu"
+    batch_size: int = 1
+    threads: Optional[int] = None
+    rounds: int = 5
+    statistic: str = "min"
+    #: seconds one measurement of a slow layer or model takes at most (see :func:`autorank.cost.timing.measure`)
+    max_time: float = 2.0
+    #: ``wall`` (elapsed time, the default) or ``cpu`` (the measuring thread's CPU time: the latency on an idle core,
+    #: for one thread on a CPU only; what a machine shared with other jobs can still measure)
+    clock: str = "wall"
+
+    @classmethod
+    def make(cls, device: Optional[str], batch_size: Optional[int], threads: Optional[int], task: Any = None,
+             statistic: str = "min", clock: str = "wall") -> "LatencyTarget":
+        """Checked settings; ``device`` None: the task's device (else cpu), ``batch_size`` None: 1."""
+        dev = str(device if device is not None else (getattr(task, "device", None) or "cpu"))
+        try:
+            kind = torch.device(dev).type
+        except (RuntimeError, TypeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise LatencyError(f"device {dev!r} is not a device name (use cpu, cuda or cuda:N)")
+        bs = 1 if batch_size is None else batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise LatencyError(f"batch size must be a positive integer, got {batch_size!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise LatencyError(f"threads must be a positive integer, got {threads!r}")
+        if statistic not in STATISTICS:
+            raise LatencyError(f"latency statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+        if clock not in ("wall", "cpu") or (clock == "cpu" and (kind != "cpu" or threads != 1)):
+            raise LatencyError(f"clock {clock!r}: use wall, or cpu with device cpu and threads 1 (got {dev}, threads {threads})")
+        return cls(dev, int(bs), threads, statistic=statistic, clock=clock)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads, "statistic": self.statistic,
+                "clock": self.clock}
+
+    def job(self) -> dict[str, Any]:
+        """The settings a latency job needs (:meth:`to_dict`, rounds and the time bound)."""
+        return {**self.to_dict(), "rounds": self.rounds, "max_time": self.max_time}
+
+    def describe(self) -> str:
+        return f"{self.device}, batch {self.batch_size}, {self.threads if self.threads else 'default'} threads"
+
+
+# ---------------------------------------------------------------------- the jobs (run on the target)
+def latency_job(kind: str, model: nn.Module, payload: Mapping[str, Any], progress: Optional[Callable] = None) -> dict[str, Any]:
+    """One latency job on this machine: ``table`` or ``front`` (see the module docstring); a JSON-able result."""
+    if kind == "table":
+        return _table_job(model, payload, progress)
+    if kind == "front":
+        return _front_job(model, payload)
+    raise LatencyError(f"unknown latency job {kind!r}; expected table or front")
+
+
+def _threads(payload: Mapping[str, Any]) -> int:
+    return int(payload["threads"]) if payload.get("threads") else default_threads()
+
+
+def _table_job(model: nn.Module, payload: Mapping[str, Any], progress: Optional[Callable]) -> dict[str, Any]:
+    device, threads, bs = str(payload["device"]), _threads(payload), int(payload["batch_size"])
+    resolve_device(device)
+    example = tuple(payload["example"])
+    profile = profile_model(model, example)
+    table = LatencyTable(payload.get("table_dir"), device=device, dtype=model_dtype(model), threads=threads, batch_size=bs,
+                         clock=payload.get("clock", "wall"), statistic=payload.get("statistic", "median"),
+                         max_time=payload.get("max_time"))
+    expect = payload.get("expect")
+    if expect:
+        _check_same(expect, table.validity, payload.get("run_dir", "the run directory"))
+    for k, e in dict((payload.get("seed") or {}).get("entries") or {}).items():
+        table.entries.setdefault(k, dict(e))
+    for k, e in dict((payload.get("seed") or {}).get("models") or {}).items():
+        table.models.setdefault(k, dict(e))
+    cands = {n: [(m, normalise_rank(r)) for m, r in pairs] for n, pairs in dict(payload["candidates"]).items()}
+    t0 = time.perf_counter()
+    x = batch_inputs(example, bs, model_dtype(model))
+    build_table(model, profile, cands, table=table, progress=progress, example_inputs=x)
+    _calibrate(model, profile, table, payload.get("calibration"), x)
+    return {
+        "table": table.to_dict(), "device_name": table.device_name, "threads": table.threads, "batch_size": bs,
+        "new_measurements": table.measurements, "elapsed_s": time.perf_counter() - t0, "pid": os.getpid(),
+        "cpu_share": _busy(resolve_device(device), threads),
+    }
+
+
+def _calibrate(model: nn.Module, profile: Any, table: LatencyTable, levels: Optional[Sequence[Mapping]], x: tuple) -> None:
+    """Fit the model's estimate factor on this target once (see :mod:`autorank.cost.latency_calibration`)."""
+    if not levels or f"calibration|{model_signature(profile, table.batch_size)}" in table.models:
+        return
+    parsed = [{n: [(m, normalise_rank(r)) for m, r in opts] for n, opts in level.items()} for level in levels]
+    plans = calibration_plans(profile, table, parsed)
+    if plans:
+        calibrate(model, profile, table, plans, x)
+
+
+def calibration_levels(profile: Any, grid: Mapping[str, Sequence[tuple[str, float]]], align: Optional[int] = None
+                       ) -> list[dict[str, list[list]]]:
+    """The grid's options at its smallest and middle ρ: ``[{layer: [[method, rank], ...]}, ...]``."""
+    rhos = sorted({r for pairs in grid.values() for _, r in pairs})
+    if not rhos:
+        return []
+    picks = sorted({rhos[0], rhos[(len(rhos) - 1) // 2]})
+    levels = []
+    for rho in picks:
+        level = {}
+        for name, pairs in grid.items():
+            opts = [[m, profile.replacement_delta(name, m, r, align)[2]] for m, r in pairs if abs(r - rho) < 1e-9]
+            if opts:
+                level[name] = [[m, list(r) if isinstance(r, tuple) else r] for m, r in opts]
+        levels.append(level)
+    return levels
+
+
+def _check_same(expect: Mapping[str, Any], here: Mapping[str, Any], run_dir: str) -> None:
+    if dict(expect) == dict(here):
+        return
+    diffs = [f"{k} {expect.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(expect) | set(here)) if expect.get(k) != here.get(k)]
+    raise LatencyTableMismatch(
+        f"{run_dir} holds a latency table measured on {expect.get('device_name')!r}, not on this target "
+        f"({'; '.join(diffs)}); resume with the same --device, --batch-size and --threads on the same hardware, or use another --out"
+    )
+
+
+def _front_job(model: nn.Module, payload: Mapping[str, Any]) -> dict[str, Any]:
+    device, threads, bs = str(payload["device"]), _threads(payload), int(payload["batch_size"])
+    dev = resolve_device(device)
+    inputs = batch_inputs(tuple(payload["example"]), bs, model_dtype(model))
+    modules: dict[str, nn.Module] = {"original": copy.deepcopy(model).eval().to(dev)}
+    for m in payload["members"]:
+        modules[str(m["trial"])] = load(m["weights"], model=model).to(dev)
+    inputs = to_device(inputs, dev)
+    timings = measure_side_by_side(modules, inputs, device=dev, threads=threads, rounds=int(payload.get("rounds", 5)),
+                                   clock=payload.get("clock", "wall"), max_time=payload.get("max_time"))
+    t = timings.pop("original")
+    return {
+        "original": t.to_dict(), "members": {k: v.to_dict() for k, v in timings.items()}, "device_name": t.device,
+        "threads": t.threads, "batch_size": bs, "pid": os.getpid(), "cpu_share": _busy(dev, threads),
+    }
+
+
+def _busy(dev: torch.device, threads: int) -> Optional[float]:
+    """The CPU share a probe thread gets (CPU targets), with a warning when several threads share busy cores."""
+    if dev.type != "cpu":
+        return None
+    share = cpu_share()
+    if threads > 1 and share < 0.8:
+        logger.warning("this machine is busy (a probe thread got %.0f%% of a core): latencies measured with %d threads include "
+                       "waiting for cores; --threads 1 measures more steadily", 100 * share, threads)
+    return share
+
+
+# ---------------------------------------------------------------------- the driver's side
+def search_grid(choices: Mapping[str, LayerChoice]) -> dict[str, list[tuple[str, float]]]:
+    """``{layer: [(method, ρ), ...]}``: every choice of the search but ``none``."""
+    return {n: [(m, float(r)) for m in ch.methods if m != "none" for r in ch.rhos_for(m)] for n, ch in choices.items()}
+
+
+def _cpu_example(task: Any) -> tuple:
+    x = task.example_inputs()
+    x = x if isinstance(x, tuple) else (x,)
+    return tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in x)
+
+
+def latency_table_for(model, profile, choices, task, space, emit: Progress, *, target: Optional[LatencyTarget] = None,
+                      executor: Any = None, run: Any = None, budget: Any = None, align: Union[str, int, None] = "auto"):
+    """The latency table of the search grid, measured on the target (by ``executor``).
+
+    Returns ``(table, base latency s, choices, ranks, files)``: ``choices`` without the
+    (layer, method) pairs the latency break-even drops (under a latency
+    budget), ``ranks`` the :class:`~autorank.cost.latency.DeviceRanks` the cost
+    model builds from. With ``run``, the table is checked against the run
+    directory's copy, and ``files`` holds what :func:`write_latency_files` then
+    writes there (nothing is written before the search has passed its checks).
+    """
+    target = target or LatencyTarget.make(None, None, None, task)
+    fixed = space.align if isinstance(space.align, int) else None
+    snap = fixed is None and align in ("auto", "device")
+    grid = search_grid(choices)
+    cands = grid_candidates(profile, grid, align=fixed, probe=snap, device=target.device)
+    seed = run.read_json(TABLE_FILE) if run is not None else None
+    payload = {
+        **target.job(), "example": _cpu_example(task), "candidates": {n: [[m, r] for m, r in c] for n, c in cands.items()},
+        "calibration": calibration_levels(profile, grid, fixed),
+        "seed": seed, "expect": (seed or {}).get("validity"), "run_dir": f"run directory {run.path}" if run is not None else "",
+    }
+    total = sum(len(v) for v in cands.values()) + 1
+    emit({"phase": "latency", "done": 0, "total": total, "what": f"on {target.describe()}"})
+
+    def prog(done, tot, what):
+        emit({"phase": "latency", "done": done, "total": tot, "what": what})
+
+    res = executor.measure_latency("table", model, payload, progress=prog) if executor is not None else \
+        latency_job("table", model, payload, prog)
+    emit({"phase": "latency", "done": total, "total": total, "what": "done"})
+    table = LatencyTable.from_dict(res["table"], run.path / "latency" if run is not None else None, statistic=target.statistic)
+    if seed is not None:
+        _check_same(seed["validity"], table.validity, f"run directory {run.path}")
+    needs = bool(budget is not None and budget.needs_latency)
+    ranks = device_ranks(profile, table, grid, snap=snap, break_even=needs, align=fixed)
+    ranks.margin = table.get_margin(model_signature(profile, table.batch_size))
+    why = f"not faster than the dense layer on {table.device_name} (latency break-even)"
+    kept = {}
+    for n, ch in choices.items():
+        methods = tuple(m for m in ch.methods if m not in ranks.dropped.get(n, ()))
+        if len(methods) > 1:
+            refused = ch.refused + tuple((m, r, why) for m, r in ranks.refused.get(n, ()) if m in methods)
+            kept[n] = LayerChoice(ch.name, methods, ch.rhos, refused)
+    base = table.get_model(model_signature(profile, table.batch_size))
+    where = res.get("where", {})
+    files: dict[str, Any] = {}
+    if run is not None:
+        files[TABLE_FILE] = res["table"]
+        files[INFO_FILE] = {
+            "target": target.to_dict(), "device_name": table.device_name, "validity": table.validity, "key": table.key,
+            "measured_on": where, "entries": len(table), "new_measurements": res.get("new_measurements"),
+            "elapsed_s": res.get("elapsed_s"), "cpu_share": res.get("cpu_share"), "align": "device" if snap else fixed,
+            "break_even": needs,
+            "calibration": table.models.get(f"calibration|{model_signature(profile, table.batch_size)}"),
+            "margin_s": ranks.margin if needs else 0.0,
+            "ranks_moved": ranks.moved, "refused": {n: [list(x) for x in v] for n, v in ranks.refused.items()},
+            "dropped": ranks.dropped,
+        }
+    logger.info("latency table: %d entries on %s (%s), %d new; alignment moved %d ranks; break-even refused %d choices, "
+                "dropped %s", len(table), table.device_name, where.get("node_ip") or where.get("host"),
+                res.get("new_measurements", 0), ranks.moved, ranks.n_refused, ranks.dropped or "none")
+    return table, float(base), kept, ranks, files
+
+
+def write_latency_files(run: Any, files: dict[str, Any]) -> None:
+    """Write what :func:`latency_table_for` returned for the run directory (once the search has passed its checks)."""
+    for name, data in files.items():
+        run.write_json(name, data)
+
+
+def measure_front(result, original: nn.Module, task: Any, *, target: Optional[LatencyTarget] = None, executor: Any = None,
+                  budget: Any = None, table_info: Optional[dict] = None) -> None:
+    """Re-measure the original and every front member end to end on the target, side by side.
+
+    Sets ``result.original_latency_s``, each member's ``latency_measured_s``,
+    ``speedup`` and (under a latency budget) ``latency_breach``, and
+    ``result.latency`` (the target, the device's name, where it was measured).
+    """
+    target = target or LatencyTarget.make(None, None, None, task)
+    members = [m for m in result.front if result.weights_path(m) is not None and result.weights_path(m).exists()]
+    payload = {**target.job(), "example": _cpu_example(task),
+               "members": [{"trial": m.trial, "weights": str(result.weights_path(m).resolve())} for m in members]}
+    res = executor.measure_latency("front", original, payload) if executor is not None else latency_job("front", original, payload)
+    stat = target.statistic
+    base = float(res["original"][stat])
+    result.original_latency_s = base
+    limits = []
+    if budget is not None:
+        limits = [c.limit(base) for c in budget.constraints if c.metric == "latency"]
+    for m in members:
+        t = res["members"].get(str(m.trial))
+        if t is None:
+            continue
+        m.latency_measured_s = float(t[stat])
+        m.speedup = base / m.latency_measured_s if m.latency_measured_s > 0 else None
+        m.latency_breach = any(m.latency_measured_s > lim for lim in limits) if limits else None
+    result.latency = {
+        **target.to_dict(), "threads_used": res.get("threads"), "device_name": res.get("device_name"), "rounds": target.rounds,
+        "cpu_share": res.get("cpu_share"),
+        "measured_on": res.get("where", {}), "limit_s": min(limits) if limits else None,
+        **({"table": table_info} if table_info else {}),
+    }
+
+
+# ---------------------------------------------------------------------- `autorank profile`
+def profile_table(model: nn.Module, example: Any, target: LatencyTarget, *, space: Any = None,
+                  progress: Optional[Callable] = None, table_dir: Optional[str] = None) -> tuple[LatencyTable, Any, dict]:
+    """The table ``autorank profile`` measures here, the very file a search on the same target reads.
+
+    The base model and every candidate layer's dense latency at the target's
+    batch size; with ``space`` (a :class:`~autorank.search.space.SearchSpace`)
+    also every replacement of its grid and the probes of device-aware alignment,
+    as the search measures them, so that a search under a latency budget finds
+    them all on disk. Returns the table, the profile at the example's own batch
+    size (the one the search keys the whole model by) and, with ``space``,
+    ``{layer: {method: latency break-even rank}}``.
+    """
+    resolve_device(target.device)
+    example = example if isinstance(example, tuple) else (example,)
+    prof = profile_model(model, example)
+    table = LatencyTable(table_dir, device=target.device, dtype=model_dtype(model), threads=target.threads or default_threads(),
+                         batch_size=target.batch_size, statistic=target.statistic, max_time=target.max_time, clock=target.clock)
+    grid: dict[str, list[tuple[str, float]]] = {}
+    if space is not None:
+        grid = search_grid(space.choices(prof))
+        cands = grid_candidates(prof, grid, align=space.align, probe=space.align is None, device=target.device)
+    else:
+        cands = {}
+    for name, lp in prof.layers.items():
+        if lp.input_shape:
+            cands.setdefault(name, [])
+    x = batch_inputs(example, target.batch_size, model_dtype(model))
+    build_table(model, prof, cands, table=table, progress=progress, example_inputs=x)
+    if grid:
+        _calibrate(model, prof, table, calibration_levels(prof, grid, space.align), x)
+    be = device_ranks(prof, table, grid, snap=False, align=space.align if space is not None else None).break_even if grid else {}
+    return table, prof, be
+
+
+# ---------------------------------------------------------------------- a model spec, on a worker
 def _parse_candidates(candidates: Optional[Mapping[str, Any]]) -> Optional[dict[str, list[tuple[str, Any]]]]:
     if candidates is None:
         return None
@@ -130,40 +497,3 @@ def profile_latency_job(
         "pid": os.getpid(),
         **({"table": table.to_dict()} if include_table else {}),
     }
-
-
-def latency_table_for(model, profile, choices, task, space, emit: Progress):
-    """Latency lookup table for every (layer, method, ρ) the space allows, measured on the task's device."""
-    device = getattr(task, "device", "cpu") or "cpu"
-    candidates = {n: [(m, r) for m in ch.methods if m != "none" for r in ch.rhos_for(m)] for n, ch in choices.items()}
-    if space.align:
-        candidates = {n: [(m, r, {"align": space.align}) for m, r in c] for n, c in candidates.items()}
-    total = sum(len(v) for v in candidates.values())
-
-    def prog(done, tot, what):
-        emit({"phase": "latency", "done": done, "total": tot, "what": what})
-
-    table = build_table(model, profile, candidates, device=device, progress=prog, example_inputs=task.example_inputs())
-    base = profile.latency
-    if base is None:
-        base = table.get_model(model_signature(profile, table.batch_size))
-    logger.info("latency table: %d entries (%d candidates) on %s", len(table), total, table.device_name)
-    return table, float(base)
-
-
-def measure_front(result, original: nn.Module, example: Any, task: Any) -> None:
-    """Measured latency of the original and of each front member, on the task's device, side by side."""
-    device = getattr(task, "device", "cpu") or "cpu"
-    inputs = example if isinstance(example, tuple) else (example,)
-    try:
-        base = measure(copy.deepcopy(original), inputs, device=device, threads=1, warmup=3, repeats=15)
-    except Exception as exc:  # pragma: no cover - measuring is informative, never fatal
-        logger.warning("could not measure the original's latency: %s", exc)
-        return
-    result.original_latency_s = base.median
-    for member in result.front:
-        try:
-            model = result.build(member, original)
-            member.latency_measured_s = measure(model, inputs, device=device, threads=1, warmup=3, repeats=15).median
-        except Exception as exc:  # pragma: no cover
-            logger.warning("could not measure trial %d: %s", member.trial, exc)

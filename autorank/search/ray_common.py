@@ -20,7 +20,7 @@ logger = logging.getLogger("autorank")
 
 __all__ = [
     "RayExecutorError", "ray_module", "LOCAL_NODE_IP", "WAIT_S", "check_reachable", "forwarded_env", "driver_paths",
-    "absolute_spec", "extend_sys_path", "crash_result", "loopback_node", "local_node_ip",
+    "absolute_spec", "extend_sys_path", "crash_result", "loopback_node", "local_node_ip", "check_placement",
 ]
 
 #: node address of the local Ray instance the executor starts; override with $AUTORANK_RAY_NODE_IP.
@@ -160,3 +160,24 @@ def crash_result(exc: BaseException, last_where: Optional[dict], attempts: int) 
     if last_where:
         out["where"] = {k: v for k, v in last_where.items() if k in ("host", "pid", "node_id", "node_ip")}
     return out
+
+
+def check_placement(need: dict[str, float], what: str) -> None:
+    """Fail in one line, naming the resource, when no live node of the cluster offers all of ``need``.
+
+    ``need``: Ray resources (``CPU``, ``GPU``, custom ones such as
+    ``accelerator_type:A100``) and amounts; zero amounts are ignored. Nodes an
+    autoscaler has not started yet are not seen: on such a cluster start one node
+    of the target kind first.
+    """
+    ray = ray_module()
+    need = {k: float(v) for k, v in need.items() if v and v > 0}
+    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    if any(all(res.get(k, 0.0) >= v for k, v in need.items()) for res in nodes):
+        return
+    missing = [k for k, v in need.items() if not any(res.get(k, 0.0) >= v for res in nodes)]
+    text = ", ".join(f"{k}={need[k]:g}" for k in (missing or need))
+    if missing:
+        have = sorted({k for res in nodes for k in res if not k.startswith(("node:", "memory", "object_store_memory"))})
+        raise RayExecutorError(f"no node of the Ray cluster has {text} for {what} (the {len(nodes)} node(s) offer: {', '.join(have)})")
+    raise RayExecutorError(f"no single node of the Ray cluster has all of {text} for {what}")

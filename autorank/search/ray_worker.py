@@ -12,13 +12,13 @@ from typing import Any, Optional
 import torch
 
 from autorank.search.identity import model_identity
-from autorank.search.latency import profile_latency_job
+from autorank.search.latency import latency_job, profile_latency_job
 from autorank.search.ray_common import extend_sys_path, ray_module
 from autorank.search.trial import TrialRunner, where
 from autorank.tasks import load_task
 from autorank.zoo import load_model
 
-__all__ = ["PROCESS", "build_runner", "finish", "TrialWorker", "latency_task"]
+__all__ = ["PROCESS", "build_runner", "finish", "TrialWorker", "latency_task", "latency_job_task"]
 
 PROCESS: dict[str, Any] = {"builds": 0, "runner": None, "key": None}
 
@@ -98,5 +98,18 @@ def latency_task(paths: list[str], model_spec: str, input_shape: list[int], devi
     """The latency job on this worker (see :func:`autorank.search.executor.measure_latency_remote`)."""
     extend_sys_path(paths)
     out = profile_latency_job(model_spec, input_shape, device=device, **kwargs)
+    out["where"] = where()
+    return out
+
+
+def latency_job_task(paths: list[str], kind: str, objects: list, payload: dict) -> dict:
+    """A search's latency job on the node Ray placed it on (see :meth:`autorank.search.executor.RayExecutor.measure_latency`).
+
+    The model comes as an object ref nested in ``objects``, fetched after the
+    driver's project directories are on ``sys.path``.
+    """
+    extend_sys_path(paths)
+    model = ray_module().get(objects[0])
+    out = latency_job(kind, model, payload)
     out["where"] = where()
     return out

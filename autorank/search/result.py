@@ -62,6 +62,10 @@ class FrontMember:
     latency_estimated_s: Optional[float] = None
     latency_measured_s: Optional[float] = None
     weights: Optional[str] = None
+    #: the original's measured latency over this member's, measured side by side on the target
+    speedup: Optional[float] = None
+    #: True when the re-measured latency breaks the run's latency budget (None: no latency budget or not measured)
+    latency_breach: Optional[bool] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +73,7 @@ class FrontMember:
             "flops": self.flops, "params": self.params, "flops_ratio": self.flops_ratio, "params_ratio": self.params_ratio,
             "cost_ratio": self.cost_ratio, "summary": self.summary, "origin": self.origin,
             "latency_estimated_s": self.latency_estimated_s, "latency_measured_s": self.latency_measured_s,
+            "speedup": self.speedup, "latency_breach": self.latency_breach,
             "weights": self.weights, "plan": self.plan.to_dict(),
         }
 
@@ -90,13 +95,15 @@ class FrontMember:
         for key in ("score", "zero_shot_score", "flops", "params", "flops_ratio", "params_ratio", "cost_ratio"):
             if key in d and not (isinstance(d[key], (int, float)) and not isinstance(d[key], bool) and math.isfinite(d[key])):
                 raise RunDirError(f"{source}: {key!r} must be a finite number, got {d[key]!r}")
-        for key in ("latency_estimated_s", "latency_measured_s"):
+        for key in ("latency_estimated_s", "latency_measured_s", "speedup"):
             v = d.get(key)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
                 raise RunDirError(f"{source}: {key!r} must be a number or null, got {v!r}")
         for key in ("summary", "origin"):
             if key in d and not isinstance(d[key], str):
                 raise RunDirError(f"{source}: {key!r} must be a string")
+        if d.get("latency_breach") is not None and not isinstance(d["latency_breach"], bool):
+            raise RunDirError(f"{source}: 'latency_breach' must be true, false or null")
         if "finetuned" in d and not isinstance(d["finetuned"], bool):
             raise RunDirError(f"{source}: 'finetuned' must be true or false")
         d.setdefault("zero_shot_score", d["score"])
@@ -122,6 +129,8 @@ class SearchResult:
     trials: list[dict[str, Any]]
     wasted_fraction: float
     original_latency_s: Optional[float] = None
+    #: where the front was re-measured: device, batch size, threads, the device's name, the node (see search/latency.py)
+    latency: Optional[dict[str, Any]] = None
     model: Optional[nn.Module] = field(default=None, repr=False)
     #: whether the run's own ``module:callable`` / ``file.py:callable`` specs may be imported (``--trust-spec``)
     trust_spec: bool = False
@@ -131,13 +140,14 @@ class SearchResult:
     # ------------------------------------------------------------------ summaries
     @property
     def best(self) -> Optional[FrontMember]:
-        """The front member with the highest score (all members meet the budget)."""
-        return max(self.front, key=lambda m: m.score) if self.front else None
+        """The front member with the highest score among those whose re-measured latency keeps the budget."""
+        within = [m for m in self.front if not m.latency_breach]
+        return max(within, key=lambda m: m.score) if within else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget": self.budget, "cost_metric": self.cost_metric, "base_score": self.base_score,
-            "original": self.original, "original_latency_s": self.original_latency_s,
+            "original": self.original, "original_latency_s": self.original_latency_s, "latency": self.latency,
             "wasted_fraction": self.wasted_fraction, "trials": len(self.trials),
             "front": [m.to_dict() for m in self.front],
         }
@@ -230,7 +240,8 @@ class SearchResult:
              max_params: Optional[float] = None, max_latency: Optional[float] = None, min_score: Optional[float] = None) -> FrontMember:
         """A front member by trial number or by rule (``smallest``, ``best``, ``knee``) among those meeting the limits.
 
-        ``max_flops``/``max_params``: fractions of the original; ``max_latency``: seconds (measured).
+        ``max_flops``/``max_params``: fractions of the original; ``max_latency``: seconds (measured). A rule
+        never picks a member whose re-measured latency breaks the run's latency budget (``latency_breach``).
         """
         if not self.front:
             raise PickError(f"{self.run_dir}: the front is empty (no finished trial within the budget)")
@@ -241,6 +252,8 @@ class SearchResult:
             raise PickError(f"unknown pick {how!r}; expected one of {', '.join(PICKS)}")
         def ok(m: FrontMember) -> list[str]:
             bad = []
+            if m.latency_breach:
+                bad.append(f"re-measured latency {m.latency_measured_s * 1e3:.3g} ms breaks the budget {self.budget}")
             if max_flops is not None and m.flops_ratio > max_flops:
                 bad.append(f"FLOPs {m.flops_ratio:.0%}")
             if max_params is not None and m.params_ratio > max_params:
@@ -298,10 +311,13 @@ class SearchResult:
         latency = data.get("original_latency_s")
         if latency is not None and (not isinstance(latency, (int, float)) or isinstance(latency, bool)):
             raise RunDirError(f"{source}: 'original_latency_s' must be a number or null")
+        where = data.get("latency")
+        if where is not None and not isinstance(where, dict):
+            raise RunDirError(f"{source}: 'latency' must be an object or null")
         return cls(
             run_dir=rd.path, budget=data["budget"], cost_metric=data["cost_metric"], base_score=float(data["base_score"]),
             original=data["original"], front=front, trials=list(trials.values()), wasted_fraction=float(data["wasted_fraction"]),
-            original_latency_s=latency, trust_spec=bool(trust_spec),
+            original_latency_s=latency, latency=where, trust_spec=bool(trust_spec),
         )
 
 

@@ -11,11 +11,15 @@
       sensitivity.json   per-layer zero-shot scores (warm start and repair)
       trials/000012.json one record per trial: plan, metrics, timings, error, where it ran
       weights/000012.pt  fine-tuned weights of the promising plans (autorank.save format)
-      front.json         the Pareto front
+      front.json         the Pareto front (with every member's latency re-measured on the target)
+      latency-table.json the per-layer latency table of the target (a copy; see search/latency.py)
+      latency.json       on what device and node the table was measured, what alignment and the break-even did
       pareto.png, pareto.html
 
 Running the same command again continues the study; a different model, task,
-budget, space, seed or sampler in an existing run directory is refused.
+budget, space, seed or sampler in an existing run directory is refused, and so
+is a latency table measured on another device or configuration
+(:class:`autorank.search.latency.LatencyTableMismatch`).
 
 What is read back is checked, because a run directory is a file like any other:
 every path it records must resolve inside it (:meth:`RunDir.inside`), and a trial

@@ -27,6 +27,7 @@ once there is space.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -50,7 +51,7 @@ from autorank.search.allocate import Sensitivity, cheapest_plan, penalty_fn
 from autorank.search.executor_base import BaseExecutor, InProcessExecutor, run_one
 from autorank.search.finetune_stage import finetune_stage, materialize_front
 from autorank.search.identity import model_identity, task_identity
-from autorank.search.latency import latency_table_for, measure_front
+from autorank.search.latency import ALIGN_MODES, LatencyTarget, latency_table_for, measure_front, write_latency_files
 from autorank.search.params import (
     DEFAULT_SAMPLER,
     SAMPLERS,
@@ -95,6 +96,11 @@ def search(
     sensitivity: Union[Sensitivity, str, Path, None] = None,
     local_every: int = 3,
     sensitivity_mode: str = "estimate",
+    device: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    threads: Optional[int] = None,
+    align: Union[str, int, None] = "auto",
+    latency_target: Optional[LatencyTarget] = None,
 ):
     """Search per-layer methods and ranks for ``model`` under ``budget``; returns a :class:`SearchResult`.
 
@@ -116,6 +122,16 @@ def search(
     ``sensitivity_mode``: ``estimate`` (default: layer output errors from one pass
     over the calibration batches, calibrated by a few evaluations; see
     :mod:`autorank.search.sensitivity`) or ``full`` (every probe evaluated).
+    ``device``, ``batch_size``, ``threads``: the target latency is measured on
+    (a latency budget's table, the front's re-measurement); default the task's
+    device, batch 1 and the target machine's default threads. With a Ray
+    executor both measurements run as Ray tasks on a node with that device and
+    the executor's ``resources``. ``align``: ``auto`` (ranks snapped to the
+    device's latency steps under a latency budget, unless the space fixes a
+    multiple), ``device`` (the same under any budget: measures the table),
+    ``none``, or a multiple such as 8 (overrides the space's). ``latency_target``:
+    all of these settings at once, and more (:class:`~autorank.search.latency.LatencyTarget`:
+    the statistic, the clock, the front's rounds), instead of the three arguments.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t_start = time.perf_counter()
@@ -135,6 +151,7 @@ def search(
         space = "llm"  # decoder LLMs: the projections, svd or tt, aligned ranks
     space = SearchSpace.load(space)
     sensitivity = _given_sensitivity(sensitivity)
+    space, align = _apply_align(space, align)
 
     model_spec = model if isinstance(model, str) else None
     if isinstance(model, str):
@@ -145,6 +162,13 @@ def search(
     task_spec = task if isinstance(task, str) else None
     task = load_task(task, model_spec or model.__dict__.get(SPEC_ATTR))
     steps = int(finetune_steps if finetune_steps is not None else getattr(task, "default_finetune_steps", 100))
+    if latency_target is not None and (device, batch_size, threads) != (None, None, None):
+        raise SearchError("give either latency_target or device / batch_size / threads, not both")
+    target = latency_target or LatencyTarget.make(device, batch_size, threads, task)
+    needs_table = budget.needs_latency or (align == "device" and space.align is None)
+    executor = executor or InProcessExecutor()
+    if needs_table or measure_latency:  # a device this machine (or the cluster) lacks fails now, not after the trials
+        _or_close(executor, executor.check_latency_target, target.device, target.threads)
 
     run = RunDir(out if out is not None else tempfile.mkdtemp(prefix="autorank-run-"))
     settings = {
@@ -159,12 +183,14 @@ def search(
         "finetune_steps": steps,
         "warm_start": bool(warm_start),
         "sensitivity": sensitivity_mode,
+        "latency": {**target.to_dict(), "align": align},
         "autorank_version": _version(),
     }
     run.check(settings)  # another search's directory is refused before anything is touched
     lock = run.lock().acquire()
     lock.created_dir = lock.created_dir or out is None  # a temporary directory of our own: removed if refused
     committed = False  # whether the run directory has been written to
+    started = False  # whether the executor's workers were started (then the inner finally closes it)
     try:
         # ---- every check that can refuse the search, before anything is written
         emit({"phase": "profile"})
@@ -184,24 +210,34 @@ def search(
             saved_sens = run.read_json("sensitivity.json")
             if saved_sens is not None:
                 _sensitivity_from(saved_sens, run.path / "sensitivity.json", RunDirError)
-        latency = None
-        if budget.needs_latency:
-            latency = latency_table_for(original, profile, choices, task, space, emit)
-        cost = CostModel(profile, budget, space.align, latency)
+        latency = ranks = None
+        latency_files: dict = {}
+        if needs_table:
+            table, base_latency, choices, ranks, latency_files = latency_table_for(
+                original, profile, choices, task, space, emit, target=target, executor=executor, run=run, budget=budget, align=align)
+            latency = (table, base_latency)
+            if not choices:
+                raise NotApplicableError(f"{type(original).__name__}: no replacement in search space {space.source} is faster than "
+                                         f"its dense layer on {table.device_name} (latency break-even)")
+        cost = CostModel(profile, budget, space.align, latency, ranks=ranks.ranks if ranks is not None else None,
+                         margins={"latency": ranks.margin} if ranks is not None else None)
         cheapest = cheapest_plan(choices, cost)
         if not cost.fits(cost.costs(cheapest)):
             reached = ", ".join(f"{m} {100 * v:.1f}%" for m, v in cost.ratios(cost.costs(cheapest)).items())
+            reserve = ranks.margin / cost.original["latency"] if ranks is not None and "latency" in cost.limits and ranks.margin else 0
             raise BudgetError(
                 f"budget {budget.text()!r} cannot be met by any plan of search space {space.source}: "
                 f"the cheapest plan reaches {reached} of the original"
+                + (f" (estimated; {100 * reserve:.1f}% of the original's latency is kept in reserve for what the estimate "
+                   "missed on whole models, see latency.json)" if reserve else "")
             )
 
         # ---- workers
-        executor = executor or InProcessExecutor()
         calibrate = [n for n in choices if any(registry.get(m).data_aware for m in choices[n].methods if m != "none")]
         cache_dir = str(cache_dir) if cache_dir is not None else str(run.path / "factor-cache")
         executor.start(original, task, calibrate=calibrate, cache_dir=cache_dir, setup=False,
                        model_spec=model_spec, task_spec=task_spec)
+        started = True
         guarded = _StopOnFullDisk(executor)
         try:
             saved_base = run.read_json("baseline.json")
@@ -210,6 +246,7 @@ def search(
             resuming = run.prepare(settings)
             committed = True
             logger.info("%s run directory %s", "resuming" if resuming else "new", run.path)
+            write_latency_files(run, latency_files)
             if saved_base is None:
                 run.write_json("baseline.json", {"score": base["score"], "time_evaluate_s": base.get("time_evaluate_s")})
             base = float(base["score"])
@@ -238,10 +275,12 @@ def search(
             finetune_stage(study, run, guarded, finetune, steps, seed, model_spec, emit, t_start, space.training)
             result = build_front(run, study, cost, budget, base, layers=set(choices))
             materialize_front(result, run, guarded, model_spec)
+            executor.release_workers()  # the target is idle while the front is measured
+            if measure_latency and result.front:
+                measure_front(result, original, task, target=target, executor=executor, budget=budget,
+                              table_info=run.read_json("latency.json"))
         finally:
             executor.close()
-        if measure_latency:
-            measure_front(result, original, example, task)
         result.files = result.write()
     except Exception as exc:
         full = disk_full_error(exc, run.path / "study.db" if _mentions_database(exc) else run.path)
@@ -249,6 +288,8 @@ def search(
             raise full from None
         raise
     finally:
+        if not started:
+            executor.close()  # a Ray connection opened for the latency table
         lock.release()
         if not committed:
             _leave_as_found(run, lock)
@@ -343,6 +384,26 @@ class _StopOnFullDisk(BaseExecutor):
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+def _or_close(ex: BaseExecutor, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+    """``fn(...)``, closing the executor ``ex`` (a Ray connection it opened) if it raises before the trials start."""
+    try:
+        return fn(*args, **kwargs)
+    except BaseException:
+        ex.close()
+        raise
+
+
+def _apply_align(space: SearchSpace, align: Union[str, int, None]) -> tuple[SearchSpace, str]:
+    """The space with an explicit multiple applied, and the alignment mode (auto, device, none, or fixed)."""
+    if align is None or align == "none":
+        return dataclasses.replace(space, align=None), "none"
+    if isinstance(align, int) and not isinstance(align, bool) and align >= 1:
+        return dataclasses.replace(space, align=int(align)), "fixed"
+    if align not in ALIGN_MODES:
+        raise SearchError(f"align must be auto, device, none or a positive integer such as 8, got {align!r}")
+    return space, ("fixed" if space.align else align)
 
 
 def _version() -> str:

@@ -40,10 +40,10 @@ __all__ = ["RECIPE", "digits_split", "cache_root", "demo_weights_path", "trained
 
 #: how the demo model is trained; any change gives a new cache file name
 RECIPE: dict = {
-    "version": 1,
+    "version": 2,
     "data": "sklearn.datasets.load_digits, pixels/16, (N,1,8,8)",
     "split": {"val_fraction": 0.2, "stratified": True, "seed": 0},
-    "model": "autorank.zoo.DigitsCNN(width=32), init seed 0",
+    "model": "autorank.models.DigitsCNN(width=64, upsample=2), init seed 0",
     "optimizer": "adam",
     "lr": 5e-3,
     "schedule": "onecycle",

@@ -1,0 +1,186 @@
+"""Calibrating the per-layer latency estimate against whole decomposed models measured on the target.
+
+The table measures each layer alone, on the same input again and again, so its
+weights stay in the cache; inside the model they are evicted by the other
+layers' between two calls. On a CPU that makes a memory-bound layer look faster
+alone than it is in the model, the dense layer more than its factorization
+(whose weights are smaller): measured on the ResNet-50-shaped model at 1x3x112x112,
+one thread, the 54 layers took 21.9 ms alone and 30.1 ms inside the model, and
+the estimate ``base − Σ dense + Σ replacement`` predicted 1.41-1.48x too small a
+change for three different plans at 22-30% of the FLOPs (a 30% error on the
+speed-up). The change is off by nearly the same factor whatever the plan, so one
+factor per model and target corrects it (the same idea as fitting a lookup
+table's predictions to end-to-end measurements in latency-aware NAS, e.g.
+nn-Meter, Zhang et al. MobiSys 2021):
+
+    latency(plan) = base + k · (Σ replacement − Σ dense) + c · (operators added)
+
+:func:`calibrate` builds a few decomposed models with random weights (latency
+does not depend on the values; no factorization is computed), measures them
+end to end beside the original and records ``k`` in the table, with the
+original's latency measured beside them as the model's base latency (on a
+shared machine the table's own, measured minutes earlier, was 20% lower once);
+:func:`autorank.cost.latency.estimate_latency` applies both.
+``k`` and ``c`` (the cost of an operator a factorization adds: a kernel launch
+on a GPU; ``c >= 0``) are fitted by least squares on 4-8 plans (each layer's
+fastest option and each method alone, at the grid's smallest and middle ρ).
+What the fit still misses on those plans (the root mean square of the
+residuals) is recorded as ``margin``: a latency budget keeps that much in
+reserve (:class:`~autorank.cost.cost_model.CostModel`'s ``margins``). On the
+model above the fit gave k = 1.60 with residuals within ±5% of the original's
+latency; on the shared 2-core machine this was written on, the residuals'
+root mean square was 3-8% of the original's latency.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from autorank import methods as registry
+from autorank.cost.latency_table import LatencyTable, count_ops, layer_signature, model_signature, random_fill_, with_batch
+from autorank.cost.timing import measure_side_by_side
+from autorank.methods._base import Rank
+from autorank.surgery import set_submodule
+
+logger = logging.getLogger("autorank")
+
+__all__ = ["calibrate", "calibration_plans", "random_decomposed", "SCALE_RANGE", "MAX_MARGIN"]
+
+#: a fitted factor outside this range is not trusted (kept at 1): the measurement went wrong, not the cache
+SCALE_RANGE = (0.5, 4.0)
+#: the reserve a latency budget keeps is at most this share of the original's latency
+MAX_MARGIN = 0.10
+
+
+def random_decomposed(model: nn.Module, plan: Mapping[str, tuple[str, Rank]], device: Any = None) -> nn.Module:
+    """A copy of ``model`` with each planned layer replaced by its method's skeleton at ``rank``, random weights."""
+    new = copy.deepcopy(model)
+    for name, (method, rank) in sorted(plan.items(), key=lambda kv: kv[0].count(".")):
+        rep = registry.get(method).build(new.get_submodule(name), None, rank)
+        rep.to_empty(device=device if device is not None else "cpu")
+        random_fill_(rep)
+        set_submodule(new, name, rep)
+    return new.eval()
+
+
+def calibration_plans(profile: Any, table: LatencyTable, levels: Sequence[Mapping[str, Sequence[tuple[str, Rank]]]]
+                      ) -> list[dict[str, tuple[str, Rank]]]:
+    """Plans to calibrate with, per level: each layer's fastest option, and each method alone.
+
+    ``levels``: e.g. the search grid's options at its smallest and middle ρ,
+    ``{layer: [(method, rank), ...]}``. A layer takes an option only when the
+    table says it beats the dense layer. Duplicates and plans that decompose
+    nothing are left out.
+    """
+    profile_batch = int(profile.input_shape[0]) if profile.input_shape else 1
+    out: list[dict[str, tuple[str, Rank]]] = []
+    for level in levels:
+        timed_level: dict[str, list[tuple[float, str, Rank]]] = {}
+        for name, options in level.items():
+            lp = profile.layers[name]
+            shape = with_batch(lp.input_shape, table.batch_size, profile_batch)
+            sig = layer_signature(lp.spec, shape, type_name=lp.type)
+            dense = table.get(sig, shape)
+            timed = [(table.get(sig, shape, registry.get(m).name, r), registry.get(m).name, r) for m, r in options]
+            timed_level[name] = [t for t in timed if t[0] is not None and dense is not None and t[0] < dense]
+        methods = sorted({m for opts in timed_level.values() for _, m, _ in opts})
+        fastest = {n: min(opts)[1:] for n, opts in timed_level.items() if opts}
+        names = list(fastest)
+        candidates = [fastest]
+        candidates += [{n: next((m, r) for _, m, r in opts if m == method) for n, opts in timed_level.items()
+                        if any(m == method for _, m, _ in opts)} for method in methods]
+        # every other layer: plans that change different layers, so that the fit sees more than one composition
+        candidates += [{n: fastest[n] for n in names[i::2]} for i in (0, 1)]
+        for plan in candidates:
+            if plan and plan not in out:
+                out.append(plan)
+    return out
+
+
+def calibrate(model: nn.Module, profile: Any, table: LatencyTable, plans: Sequence[Mapping[str, tuple[str, Rank]]],
+              inputs: Any, *, rounds: int = 3, save: bool = True) -> Optional[tuple[float, float]]:
+    """Fit and record ``(k, c)`` of this model on the table's target (see the module docstring).
+
+    ``inputs``: the model's input at the table's batch size. Measures the
+    original and one random-weight model per plan side by side, ``rounds``
+    interleaved rounds, with the table's device, threads, clock and statistic.
+    Returns ``(k, c)`` (also kept in the table), or None when the plans change
+    too little to fit them or the fit falls outside :data:`SCALE_RANGE`.
+    """
+    dev = table._check_can_measure()
+    msig = model_signature(profile, table.batch_size)
+    modules: dict[Any, nn.Module] = {"original": copy.deepcopy(model).eval().to(dev)}
+    ests: list[tuple[float, int]] = []
+    for i, plan in enumerate(plans):
+        modules[i] = random_decomposed(model, plan, dev)
+        added = sum(count_ops(modules[i].get_submodule(name)) - 1 for name in plan)
+        ests.append((_estimated_change(profile, table, plan), added))
+    inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in (inputs if isinstance(inputs, tuple) else (inputs,)))
+    timings = measure_side_by_side(modules, inputs, device=dev, threads=table.threads, rounds=rounds, warmup=table.warmup,
+                                   repeats=max(3, table.repeats // 2), min_time=table.min_time, clock=table.clock,
+                                   max_time=table.max_time)
+    stat = table.statistic
+    original = timings.pop("original")
+    base = getattr(original, stat)
+    # the base latency every estimate starts from is this one, measured beside the plans the fit rests on: the
+    # table's own (minutes earlier, between layers) can differ by more than the fit corrects on a shared machine
+    table.put_model(msig, original)
+    points = [(e, n, getattr(timings[i], stat) - base) for i, (e, n) in enumerate(ests)]
+    fit = _fit(points)
+    usable = (fit is not None and SCALE_RANGE[0] <= fit[0] <= SCALE_RANGE[1]
+              and max(abs(e) for e, _, _ in points) > 0.02 * base)
+    k, c = fit if usable else (1.0, 0.0)
+    residuals = [m - (k * e + c * n) for e, n, m in points]
+    # what the estimate typically misses on a plan measured whole (the residuals' root mean square): a latency
+    # budget keeps this much in reserve (the largest residual, one noisy plan, reserved up to 10% on a shared machine)
+    rms = (sum(r * r for r in residuals) / len(residuals)) ** 0.5 if residuals else 0.0
+    margin = min(rms, MAX_MARGIN * base) if usable else 0.0
+    record = {"scale": k, "per_op": c, "margin": margin, "fitted": list(fit) if fit else None,
+              "points": [list(p) for p in points], "residuals": residuals, "base": base, "plans": len(plans), "statistic": stat}
+    table.models[f"calibration|{msig}"] = record
+    table.measurements += len(plans) + 1
+    table._dirty = True
+    if save:
+        table.save()
+    logger.info("latency calibration of %s on %s: k = %.3f, c = %.3g s per added operator from %d plans%s; residuals %s",
+                msig, table.device_name, k, c, len(plans), "" if usable else " (not used)",
+                ", ".join(f"{100 * r / base:+.1f}%" for r in residuals))
+    return (k, c) if usable else None
+
+
+def _fit(points: Sequence[tuple[float, int, float]]) -> Optional[tuple[float, float]]:
+    """Least squares of ``measured = k · estimated + c · added operators``.
+
+    ``c`` only from 4 plans or more whose two columns are far from collinear,
+    and only when it comes out >= 0 (an added operator cannot save time);
+    otherwise ``c = 0`` and ``k`` alone.
+    """
+    see = sum(e * e for e, _, _ in points)
+    sen = sum(e * n for e, n, _ in points)
+    snn = sum(n * n for _, n, _ in points)
+    sem = sum(e * m for e, _, m in points)
+    snm = sum(n * m for _, n, m in points)
+    det = see * snn - sen * sen
+    if len(points) >= 4 and det > 0.05 * see * snn:  # |cos| of the two columns below ~0.97
+        k = (sem * snn - snm * sen) / det
+        c = (see * snm - sen * sem) / det
+        if c >= 0:
+            return k, c
+    return (sem / see, 0.0) if see > 0 else None
+
+
+def _estimated_change(profile: Any, table: LatencyTable, plan: Mapping[str, tuple[str, Rank]]) -> float:
+    """Σ replacement − Σ dense of ``plan``, from the table (uncalibrated)."""
+    profile_batch = int(profile.input_shape[0]) if profile.input_shape else 1
+    total = 0.0
+    for name, (method, rank) in plan.items():
+        lp = profile.layers[name]
+        shape = with_batch(lp.input_shape, table.batch_size, profile_batch)
+        sig = layer_signature(lp.spec, shape, type_name=lp.type)
+        total += table.get(sig, shape, registry.get(method).name, rank) - table.get(sig, shape)
+    return total
