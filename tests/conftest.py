@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -100,3 +102,19 @@ def fvcore_flops(module: nn.Module, x: torch.Tensor) -> int:
 
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="module")
+def ray_exclusive():
+    """One Ray-using test module at a time across the xdist workers (a cross-process file lock).
+
+    test_ray.py ends with ``ray stop --force`` and checks that no raylet is left; a
+    cluster another worker started meanwhile would be stopped under it, or counted.
+    """
+    path = os.path.join(tempfile.gettempdir(), f"autorank-tests-ray-{os.getuid()}.lock")
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -70,7 +70,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _token_auth():
+def _token_auth(ray_exclusive):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "token")
         mp.setenv("OMP_WAIT_POLICY", "PASSIVE")

@@ -35,7 +35,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(ray_exclusive):
     """Head 127.0.0.2 (1 CPU), target node 127.0.0.3 (2 CPUs, target_cpu=2); yields the address."""
     from ray.cluster_utils import Cluster
 

@@ -443,7 +443,7 @@ def _loopback(addr: str) -> bool:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs /proc to list sockets")
-def test_the_local_ray_instance_listens_on_loopback_only(tmp_path):
+def test_the_local_ray_instance_listens_on_loopback_only(tmp_path, ray_exclusive):
     """`autorank search --workers 2`: every socket its Ray processes listen on is a loopback address."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", RAY_AUTH_MODE="token",
                AUTORANK_TOY_SLEEP="0.3")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -156,11 +157,15 @@ def cmd_search(args) -> int:
         if args.fixed_point not in (4, 8):
             raise CLIError(f"--fixed-point {args.fixed_point}: expected 8 or 4 (bits)")
         space.training["fixed_point"] = args.fixed_point
+    training = _training(args.training)
+    if args.no_refit:
+        training["refit"] = False
     t0 = time.perf_counter()
     with _Progress(args.quiet or args.json) as prog:
         result = search(
             args.model, args.task, budget=args.budget, space=space, trials=args.trials, out=out, seed=args.seed,
-            sampler=args.sampler, finetune=args.finetune, finetune_steps=args.finetune_steps,
+            sampler=args.sampler, finetune=args.finetune, finetune_steps=args.finetune_steps, finetune_time=args.finetune_time,
+            training=training,
             warm_start=not args.no_warm_start, sensitivity_points=args.sensitivity_points, executor=executor, progress=prog,
             cache_dir=args.cache_dir, sensitivity_mode=args.sensitivity, device=args.device, batch_size=args.batch_size,
             threads=args.threads, align=_align(args.align),
@@ -200,13 +205,44 @@ def _resources(text: Optional[str]) -> Optional[dict]:
     return data
 
 
+def _training(text: Optional[str]) -> dict:
+    """``--training '{refit: false, distill: {features: 0}}'``: a YAML mapping laid over the space's training block."""
+    if not text:
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CLIError(f"--training {text!r}: not YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"--training {text!r}: expected a mapping such as '{{refit: false, finetune_time: 5m}}'")
+    return data
+
+
+def _tuned(m) -> str:
+    """How a front member was recovered, in a few words: steps and seconds, or no."""
+    if not m.finetuned:
+        return "no"
+    r = m.recovery or {}
+    steps, secs = r.get("steps"), r.get("seconds")
+    stages = [name for name, key in (("re-fit", "refit"), ("block-wise", "blockwise")) if (r.get(key) or {}).get("kept")]
+    text = " + ".join(stages + ([] if steps is None else [f"{steps} steps"])) or "yes"
+    if secs is not None:
+        text += f", {secs:.0f} s"
+    if r.get("stopped_by") == "patience":
+        text += ", stopped early"
+    if r.get("kept_zero_shot"):
+        text += " (zero-shot kept)"
+    return text
+
+
 def _is_perplexity(result) -> bool:
     """Whether the run's task scores −log perplexity (then the front also shows the perplexity, exp(−score))."""
     try:
         settings = json.loads((Path(result.run_dir) / "settings.json").read_text())
     except (OSError, ValueError):
         return False
-    return (settings.get("task") or {}).get("metric") == "neg-log-perplexity"
+    task = settings.get("task") if isinstance(settings, dict) else None
+    return isinstance(task, dict) and task.get("metric") == "neg-log-perplexity"
 
 
 def _align(text: Optional[str]):
@@ -236,7 +272,7 @@ def _print_front(result, console) -> None:
     for m in result.front:
         extra = (f"{math.exp(-m.score):.4g}",) if ppl else ()
         t.add_row(str(m.trial), m.summary, f"{m.score:.4g}", *extra, pct(m.flops_ratio), pct(m.params_ratio),
-                  _ms(m.latency_measured_s), _speedup(m), "yes" if m.finetuned else "no", m.origin)
+                  _ms(m.latency_measured_s), _speedup(m), _tuned(m), m.origin)
     console.print(t)
     lat = result.latency or {}
     if result.original_latency_s:
@@ -345,8 +381,15 @@ def add_commands(sub) -> None:
     s.add_argument("--space", metavar="NAME|FILE", help="search space: default, cnn, transformer, llm or a YAML file "
                                                       "(default: llm for hf: models, else default)")
     s.add_argument("--trials", type=int, default=40, help="zero-shot trials in total, warm-start plans included (default 40)")
-    s.add_argument("--finetune", type=int, default=4, metavar="K", help="fine-tune the K most promising plans (default 4; 0: none)")
-    s.add_argument("--finetune-steps", type=int, metavar="N", help="optimizer steps per fine-tuning (default: the task's)")
+    s.add_argument("--finetune", type=int, default=4, metavar="K", help="recover (re-fit, fine-tune) the K most promising plans (default 4; 0: none)")
+    s.add_argument("--finetune-steps", type=int, metavar="N", help="optimizer steps per recovered plan (default: the space's "
+                                                                   "training.finetune_steps, else the task's)")
+    s.add_argument("--finetune-time", metavar="DURATION", help="wall time per recovered plan, e.g. 90s, 5m, 1h (re-fit and "
+                                                               "block-wise included; with it alone, steps are unbounded)")
+    s.add_argument("--training", metavar="YAML", help="recovery and training options laid over the space's training: block, "
+                                                      "e.g. '{refit: false, distill: {features: 0, trainable: decomposed}, "
+                                                      "early_stopping: {every: 25, patience: 5}}' (README, Recovery after compression)")
+    s.add_argument("--no-refit", action="store_true", help="no closed-form re-fit of the decomposed layers before fine-tuning")
     s.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-BUDGET); an existing one is resumed")
     s.add_argument("--seed", type=int, default=0, help="the same seed gives the same plans (default 0)")
     s.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "gp", "random"), help="Optuna sampler (default tpe)")

@@ -51,10 +51,14 @@ def feasible(t) -> bool:
     return all(float(v) <= 1e-12 for v in vals)
 
 
-def finetune_stage(study, run: RunDir, executor: BaseExecutor, k: int, steps: int, seed: int, model_spec, emit: Progress, t_start: float,
-                    training: Optional[dict] = None) -> list:
-    """Fine-tune up to ``k`` promising plans (all at once: several workers run them in parallel)."""
-    if k <= 0 or steps <= 0:
+def finetune_stage(study, run: RunDir, executor: BaseExecutor, k: int, steps: Optional[int], seed: int, model_spec, emit: Progress,
+                   t_start: float, training: Optional[dict] = None, time_s: Optional[float] = None) -> list:
+    """Recover up to ``k`` promising plans, each within ``steps`` steps and ``time_s`` seconds (None: no bound).
+
+    The plans are submitted in order of promise (:func:`promising`): with fewer workers
+    than plans, the most promising are recovered first.
+    """
+    if k <= 0 or (steps is not None and steps <= 0) or (steps is None and time_s is None):
         return []
     picks = _picks(study, run, k, steps)
     todo = []
@@ -68,7 +72,8 @@ def finetune_stage(study, run: RunDir, executor: BaseExecutor, k: int, steps: in
     records = {t.number: rec for t, rec in todo}
     for t, rec in todo:  # all at once: with several workers they fine-tune in parallel
         payload = {
-            "plan": rec["plan"], "steps": steps, "seed": seed, "save_to": str(run.weights_path(t.number)), "training": training,
+            "plan": rec["plan"], "steps": steps, "time_s": time_s, "seed": seed, "save_to": str(run.weights_path(t.number)),
+            "training": training,
             "spec": model_spec, "metadata": {"trial": t.number, "run": str(run.path.resolve())},
         }
         executor.submit(t.number, "finetune", payload)
@@ -95,7 +100,7 @@ def finetune_stage(study, run: RunDir, executor: BaseExecutor, k: int, steps: in
 FINETUNE_PLAN = "finetune.json"
 
 
-def _picks(study, run: RunDir, k: int, steps: int) -> list:
+def _picks(study, run: RunDir, k: int, steps: Optional[int]) -> list:
     """The trials to fine-tune, chosen once and kept in ``finetune.json``: a resumed stage finishes the same set."""
     saved = run.read_json(FINETUNE_PLAN)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}

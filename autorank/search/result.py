@@ -66,6 +66,8 @@ class FrontMember:
     speedup: Optional[float] = None
     #: True when the re-measured latency breaks the run's latency budget (None: no latency budget or not measured)
     latency_breach: Optional[bool] = None
+    #: how it was recovered (re-fit, block-wise, fine-tune: scores after each, steps, seconds, why it stopped); None: zero-shot
+    recovery: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,7 +75,7 @@ class FrontMember:
             "flops": self.flops, "params": self.params, "flops_ratio": self.flops_ratio, "params_ratio": self.params_ratio,
             "cost_ratio": self.cost_ratio, "summary": self.summary, "origin": self.origin,
             "latency_estimated_s": self.latency_estimated_s, "latency_measured_s": self.latency_measured_s,
-            "speedup": self.speedup, "latency_breach": self.latency_breach,
+            "speedup": self.speedup, "latency_breach": self.latency_breach, "recovery": self.recovery,
             "weights": self.weights, "plan": self.plan.to_dict(),
         }
 
@@ -102,6 +104,8 @@ class FrontMember:
         for key in ("summary", "origin"):
             if key in d and not isinstance(d[key], str):
                 raise RunDirError(f"{source}: {key!r} must be a string")
+        if d.get("recovery") is not None and not isinstance(d["recovery"], dict):
+            raise RunDirError(f"{source}: 'recovery' must be an object or null")
         if d.get("latency_breach") is not None and not isinstance(d["latency_breach"], bool):
             raise RunDirError(f"{source}: 'latency_breach' must be true, false or null")
         if "finetuned" in d and not isinstance(d["finetuned"], bool):
@@ -321,6 +325,14 @@ class SearchResult:
         )
 
 
+def _recovery(ft: dict[str, Any]) -> dict[str, Any]:
+    """A fine-tuned trial's recovery, as the front shows it (records made before recovery existed: steps and time only)."""
+    rec = dict(ft.get("recovery") or {"steps": ft.get("steps"), "seconds": ft.get("time_finetune_s")})
+    if ft.get("kept_zero_shot"):
+        rec["kept_zero_shot"] = True  # the recovered model scored lower than the zero-shot one (fixed point, say)
+    return rec
+
+
 def _knee(members: list[FrontMember]) -> FrontMember:
     """The member farthest from the line joining the cheapest and the best (normalised axes)."""
     pts = sorted(members, key=lambda m: m.cost_ratio)
@@ -408,6 +420,7 @@ def build_front(run: RunDir, study, cost, budget, base_score: float, layers=None
             params_ratio=r["ratios"]["params"], cost_ratio=r["ratios"][cost.objective_metric], summary=r.get("summary", ""),
             origin=r.get("origin", "sampler"), latency_estimated_s=latency_est,
             weights=(r.get("finetune") or {}).get("weights") or r.get("weights"),
+            recovery=_recovery(r.get("finetune") or {}) if tuned else None,
         ))
     front.sort(key=lambda m: (m.cost_ratio, -m.score))
     finished = [r for r in records.values() if r.get("state") in ("COMPLETE", "FAIL")]

@@ -21,6 +21,8 @@ The methods a layer may take are the space's methods that apply to it, plus
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import re
@@ -31,6 +33,7 @@ from typing import Any, Optional, Union
 from autorank import methods as registry
 from autorank.errors import AutorankError, UnknownMethodError
 from autorank.methods._base import align_rank
+from autorank.training.recovery import RECOVERY_KEYS, RecoveryError, RecoveryOptions
 
 __all__ = ["SearchSpace", "SpaceError", "LayerChoice", "builtin_spaces", "SPACES_DIR"]
 
@@ -42,7 +45,7 @@ SPACES_DIR = _REPO_SPACES if _REPO_SPACES.is_dir() else _PKG_SPACES
 logger = logging.getLogger("autorank")
 
 _TOP_KEYS = {"methods", "rho", "align", "layers", "description", "training"}
-_TRAINING_KEYS = {"bn_between_factors", "force_regularization", "fixed_point"}
+_TRAINING_KEYS = {"bn_between_factors", "force_regularization", "fixed_point", *RECOVERY_KEYS}
 _LAYER_KEYS = {"include", "exclude", "types", "min_params", "min_flops"}
 _TYPES = {"Linear", "Conv2d", "Conv1D"}
 
@@ -174,6 +177,14 @@ class SearchSpace:
             types=tuple(types), min_params=mins["min_params"], min_flops=mins["min_flops"], source=source,
             description=str(desc or ""), training=training,
         )
+
+    def with_training(self, overrides: Optional[dict], source: str = "training") -> "SearchSpace":
+        """The space with ``overrides`` (keys of its ``training:`` block, checked) laid over its own."""
+        if not overrides:
+            return self
+        if not isinstance(overrides, dict):
+            raise SpaceError(f"{source}: expected a mapping of training options, got {overrides!r}")
+        return dataclasses.replace(self, training=_training({**self.training, **overrides}, source))
 
     def to_dict(self) -> dict[str, Any]:
         rho: Any = list(self.rhos)
@@ -310,13 +321,21 @@ def _rhos(value: Any, source: str) -> tuple[tuple[float, ...], Optional[float]]:
 
 
 def _training(value: Any, source: str) -> dict[str, Any]:
-    """``training: {bn_between_factors: bool, force_regularization: false | {steps, strength}, fixed_point: null | 8}``."""
+    """``training: {bn_between_factors: bool, force_regularization: false | {steps, strength}, fixed_point: null | 8}``
+    and the recovery options (:data:`autorank.training.recovery.RECOVERY_KEYS`: refit, blockwise, distill,
+    early_stopping, finetune_steps, finetune_time, lr)."""
     if not isinstance(value, dict):
         raise SpaceError(f"{source}: key 'training': expected a mapping with keys {sorted(_TRAINING_KEYS)}, got {value!r}")
     unknown = set(value) - _TRAINING_KEYS
     if unknown:
         raise SpaceError(f"{source}: key 'training': unknown key(s) {sorted(unknown)}; expected some of {sorted(_TRAINING_KEYS)}")
     out: dict[str, Any] = {}
+    recovery = {k: v for k, v in value.items() if k in RECOVERY_KEYS}
+    try:
+        RecoveryOptions.from_dict(recovery, source=f"{source}: training")
+    except RecoveryError as exc:
+        raise SpaceError(str(exc)) from None
+    out.update(recovery)  # as given (checked): the defaults stay the recovery module's
     bn = value.get("bn_between_factors", False)
     if not isinstance(bn, bool):
         raise SpaceError(f"{source}: key 'training.bn_between_factors': expected true or false, got {bn!r}")

@@ -65,6 +65,7 @@ from autorank.search.space import SearchSpace
 from autorank.search.trials import recover_interrupted, reseed, run_trials
 from autorank.search.warm_start import enqueue_warm_start, measure_sensitivity
 from autorank.tasks import load_task
+from autorank.training.recovery import parse_duration
 from autorank.zoo import SPEC_ATTR, load_model
 
 logger = logging.getLogger("autorank")
@@ -87,6 +88,8 @@ def search(
     sampler: str = DEFAULT_SAMPLER,
     finetune: int = 4,
     finetune_steps: Optional[int] = None,
+    finetune_time: Union[str, float, None] = None,
+    training: Optional[dict] = None,
     warm_start: bool = True,
     sensitivity_points: int = 4,
     cache_dir: Union[str, Path, None] = None,
@@ -111,8 +114,14 @@ def search(
     for a ``hf:`` model). ``trials``: zero-shot trials
     in total (warm-start plans included); a run directory that already holds some
     continues up to this number. ``finetune``: how many promising plans to
-    fine-tune, for ``finetune_steps`` steps each (default: the task's
-    ``default_finetune_steps`` or 100). ``out``: the run directory (default: a new
+    recover (re-fit, block-wise reconstruction, fine-tune with distillation and
+    early stopping: :mod:`autorank.training.recovery`), in order of promise, each
+    within ``finetune_steps`` optimizer steps (default: the space's
+    ``training.finetune_steps``, else the task's ``default_finetune_steps`` or 100;
+    unbounded when only a time is given) and ``finetune_time`` of wall time
+    (``"90s"``, ``"5m"``, seconds; default the space's ``training.finetune_time``).
+    ``training``: options laid over the space's ``training:`` block (the recovery
+    and training-time options, e.g. ``{"refit": False}``). ``out``: the run directory (default: a new
     temporary directory). ``executor``: where trials run (default: in this
     process; see :mod:`autorank.search.executor` for Ray). ``sensitivity``: a
     per-layer sensitivity table to reuse (a :class:`Sensitivity` or the
@@ -161,7 +170,11 @@ def search(
         raise SearchError(f"model must be an nn.Module or a model spec string, got {type(model).__name__}")
     task_spec = task if isinstance(task, str) else None
     task = load_task(task, model_spec or model.__dict__.get(SPEC_ATTR))
-    steps = int(finetune_steps if finetune_steps is not None else getattr(task, "default_finetune_steps", 100))
+    try:
+        space = space.with_training(training)
+    except AutorankError as exc:
+        raise SearchError(str(exc)) from None
+    steps, ft_time = _finetune_budget(finetune_steps, finetune_time, space.training, task)
     if latency_target is not None and (device, batch_size, threads) != (None, None, None):
         raise SearchError("give either latency_target or device / batch_size / threads, not both")
     target = latency_target or LatencyTarget.make(device, batch_size, threads, task)
@@ -181,6 +194,7 @@ def search(
         "trials": trials,
         "finetune": finetune,
         "finetune_steps": steps,
+        "finetune_time_s": ft_time,
         "warm_start": bool(warm_start),
         "sensitivity": sensitivity_mode,
         "latency": {**target.to_dict(), "align": align},
@@ -272,7 +286,7 @@ def search(
             run_trials(study, run, guarded, choices, space, cost, penalty, trials, emit, t_start,
                         local_every if warm_start else 0, journal=journal,
                         reseed=lambda st, i: reseed(st, sampler, seed, i, len(choices)))
-            finetune_stage(study, run, guarded, finetune, steps, seed, model_spec, emit, t_start, space.training)
+            finetune_stage(study, run, guarded, finetune, steps, seed, model_spec, emit, t_start, space.training, ft_time)
             result = build_front(run, study, cost, budget, base, layers=set(choices))
             materialize_front(result, run, guarded, model_spec)
             executor.release_workers()  # the target is idle while the front is measured
@@ -296,6 +310,23 @@ def search(
     emit({"phase": "done", "elapsed_s": time.perf_counter() - t_start, "front_size": len(result.front)})
     result.model = original
     return result
+
+
+def _finetune_budget(steps: Optional[int], time_s: Union[str, float, None], training: dict, task: Any
+                     ) -> tuple[Optional[int], Optional[float]]:
+    """(steps, seconds) per recovered plan: the arguments, else the space's ``training:`` block, else the task's steps."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise SearchError(f"finetune_steps must be an integer >= 0, got {steps!r}")
+    try:
+        seconds = parse_duration(time_s, "finetune_time") if time_s is not None else (
+            parse_duration(training["finetune_time"], "training.finetune_time") if training.get("finetune_time") is not None else None)
+    except AutorankError as exc:
+        raise SearchError(str(exc)) from None
+    if steps is None:
+        steps = training.get("finetune_steps")
+    if steps is None and seconds is None:
+        steps = int(getattr(task, "default_finetune_steps", 100))
+    return (None if steps is None else int(steps)), seconds
 
 
 def _mentions_database(exc: BaseException) -> bool:

@@ -28,6 +28,7 @@ from autorank.saving import save
 from autorank.search.sensitivity import collect_statistics, layer_errors
 from autorank.surgery import decompose
 from autorank.factor_layers import model_bytes
+from autorank.training.recovery import RECOVERY_KEYS, RecoveryOptions, supports_control
 from autorank.training.stage import apply_training, deployed_zero_shot
 
 logger = logging.getLogger("autorank")
@@ -109,10 +110,15 @@ class TrialRunner:
         model = decompose(self.model, plan, self.calibration, cache=self.cache, share=share)
         return model.to(self.device).eval()
 
-    def _finetune_shares(self) -> bool:
-        """Whether the task's ``finetune`` leaves parameters outside the decomposed layers alone
-        (``task.finetune_preserves_original``); otherwise fine-tuning gets an independent copy."""
-        return bool(getattr(self.task, "finetune_preserves_original", False))
+    def _finetune_shares(self, training: Optional[dict]) -> bool:
+        """Whether fine-tuning leaves parameters outside the decomposed layers alone, so that the plan's
+        model may share them with the original: the task's ``finetune`` says so
+        (``task.finetune_preserves_original``) and the recovery options train the decomposed layers only;
+        otherwise fine-tuning gets an independent copy."""
+        if not getattr(self.task, "finetune_preserves_original", False):
+            return False
+        opts = RecoveryOptions.from_dict({k: v for k, v in (training or {}).items() if k in RECOVERY_KEYS})
+        return opts.trains_only_decomposed(supports_control(self.task))
 
     def evaluate(self, model: nn.Module) -> float:
         with torch.no_grad():
@@ -130,7 +136,8 @@ class TrialRunner:
             return self.materialize(payload["plan"], payload["save_to"], spec=payload.get("spec"), metadata=payload.get("metadata"))
         if kind == "finetune":
             return self.finetune(payload["plan"], payload["steps"], seed=payload["seed"], save_to=payload.get("save_to"),
-                                 spec=payload.get("spec"), metadata=payload.get("metadata"), training=payload.get("training"))
+                                 spec=payload.get("spec"), metadata=payload.get("metadata"), training=payload.get("training"),
+                                 time_s=payload.get("time_s"))
         raise ValueError(f"unknown job kind {kind!r}")
 
     def zero_shot(self, plan_dict: dict) -> dict[str, Any]:
@@ -151,27 +158,32 @@ class TrialRunner:
         self.trials_run += 1
         return out
 
-    def finetune(self, plan_dict: dict, steps: int, *, seed: int = 0, save_to: Optional[str] = None,
-                 spec: Optional[str] = None, metadata: Optional[dict] = None, training: Optional[dict] = None) -> dict[str, Any]:
-        """Decompose, fine-tune ``steps`` steps, evaluate; optionally save the weights (autorank.save format).
+    def finetune(self, plan_dict: dict, steps: Optional[int], *, seed: int = 0, save_to: Optional[str] = None,
+                 spec: Optional[str] = None, metadata: Optional[dict] = None, training: Optional[dict] = None,
+                 time_s: Optional[float] = None) -> dict[str, Any]:
+        """Decompose, recover (re-fit, block-wise, fine-tune) within ``steps`` steps and ``time_s`` seconds,
+        evaluate; optionally save the weights (autorank.save format).
 
         ``training``: the search space's training-time options (``bn_between_factors``,
-        ``force_regularization``, ``fixed_point``; see :mod:`autorank.training`).
+        ``force_regularization``, ``fixed_point`` and the recovery options; see
+        :mod:`autorank.training` and :mod:`autorank.training.recovery`).
         """
-        out: dict[str, Any] = {"where": where(), "steps": int(steps)}
+        out: dict[str, Any] = {"where": where(), "steps": None if steps is None else int(steps), "time_s": time_s}
         t0 = time.perf_counter()
         try:
             plan = Plan.from_dict(plan_dict)
-            model = self.build(plan, share=self._finetune_shares())
+            model = self.build(plan, share=self._finetune_shares(training))
             zero_shot = out["zero_shot_score"] = self.evaluate(model)
             t1 = time.perf_counter()
             torch.manual_seed(seed)
-            model, applied = apply_training(self.model, plan, self.task, training, steps=int(steps), seed=seed,
-                                            calibration=self.calibration, cache=self.cache, decomposed=model)
+            model, applied = apply_training(self.model, plan, self.task, training, steps=None if steps is None else int(steps),
+                                            seed=seed, calibration=self.calibration, cache=self.cache, decomposed=model,
+                                            time_s=time_s, zero_shot_score=zero_shot)
             model = model.to(self.device).eval()
             t2 = time.perf_counter()
             out["finetuned_score"] = score = self.evaluate(model)
             out["time_finetune_s"] = t2 - t1
+            out["recovery"] = applied.pop("recovery", None)
             if applied:
                 out["training"] = applied
             # the zero-shot model in the form the options deliver (fixed point: quantised without training)

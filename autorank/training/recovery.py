@@ -186,6 +186,31 @@ class RecoveryOptions:
             lr=_positive(value.get("lr"), f"{source}.lr", allow_none=True),
         )
 
+    def trains_only_decomposed(self, control: bool) -> bool:
+        """Whether these options leave every parameter outside the decomposed layers unchanged.
+
+        ``control``: whether the task's fine-tune takes the distillation options
+        (:func:`supports_control`); one that does not chooses its own parameters
+        (``task.finetune_preserves_original`` says whether it keeps the original's).
+        The re-fit changes decomposed factors only.
+        """
+        if self.blockwise is not None and self.blockwise.trainable != "decomposed":
+            return False
+        return not control or (self.distill is not None and self.distill.trainable == "decomposed")
+
+    def summary(self) -> str:
+        """One line: the stages that are on (what the front's members were recovered with)."""
+        parts = []
+        if self.refit is not None:
+            parts.append("re-fit")
+        if self.blockwise is not None:
+            parts.append(f"block-wise {self.blockwise.share:.0%}")
+        if self.distill is not None:
+            parts.append(f"distill features x{self.distill.features:g}, {self.distill.trainable}")
+        if self.early_stopping is not None:
+            parts.append(f"early stopping every {self.early_stopping.every}")
+        return ", ".join(parts) or "fine-tune only"
+
     def to_dict(self) -> dict[str, Any]:
         """The ``training:`` form (round-trips through :meth:`from_dict`)."""
         return {
@@ -370,8 +395,18 @@ def _refit_inputs(task: Any, batches: int) -> Any:
     return fn(batches) if callable(fn) else task.calibration_inputs()
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def _state(model: nn.Module, shared: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s weights, less the tensors it shares with the original (``shared``: their
+    storage addresses), which recovery never trains (see :meth:`RecoveryOptions.trains_only_decomposed`):
+    a trial that shares an LLM's parameters keeps a copy of its factors only. Restore with
+    ``load_state_dict(state, strict=False)``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.data_ptr() not in shared}
+
+
+def _shared(original: nn.Module, compressed: nn.Module) -> frozenset:
+    """The storage addresses of the tensors ``compressed`` shares with ``original`` (none after a copy)."""
+    mine = {v.data_ptr() for v in compressed.state_dict().values()}
+    return frozenset(p for p in (v.data_ptr() for v in original.state_dict().values()) if p in mine and p != 0)
 
 
 def _score(task: Any, model: nn.Module) -> float:
@@ -388,11 +423,12 @@ class _Tracker:
     """Evaluations on the held-out split during a fine-tune: the best weights, patience, the time budget."""
 
     def __init__(self, task: Any, model: nn.Module, start_score: float, early: Optional[EarlyStopping],
-                 deadline: Optional[float], horizon: Optional[int] = None):
+                 deadline: Optional[float], horizon: Optional[int] = None, shared: frozenset = frozenset()):
         self.task, self.model, self.early, self.deadline, self.horizon = task, model, early, deadline, horizon
+        self.shared = shared
         self.t0 = time.perf_counter()
         self.best_score, self.best_step = start_score, 0
-        self.best_state = _state(model)
+        self.best_state = _state(model, shared)
         self.evaluations: list[list] = [[0, start_score]]
         self.bad = 0
         self.stopped_by = ""
@@ -413,7 +449,7 @@ class _Tracker:
         self.last_evaluated = step
         if score > self.best_score:
             self.best_score, self.best_step, self.bad = score, step, 0
-            self.best_state = _state(self.model)
+            self.best_state = _state(self.model, self.shared)
         else:
             self.bad += 1
 
@@ -484,16 +520,21 @@ def recover(
         raise RecoveryError(f"recover: steps must be an integer >= 0, got {steps!r}")
     deadline = t0 + float(time_budget) if time_budget is not None else None
     current = zero
+    shared = _shared(original, compressed)
+    if shared and not opts.trains_only_decomposed(supports_control(task)):
+        raise RecoveryError("recover: the compressed model shares parameters with the original, and these options train "
+                            "more than the decomposed layers (distill.trainable / blockwise.trainable: all); decompose a copy "
+                            "(share=False) or train the decomposed layers only")
 
     # ---- 1. re-fit
     if opts.refit is not None:
         inputs = calibration if calibration is not None else _refit_inputs(task, opts.refit.batches)
-        before = _state(compressed)
+        before = _state(compressed, shared)
         rep = refit(original, compressed, inputs, ridge=opts.refit.ridge, low_rank=opts.refit.low_rank)
         score = _score(task, compressed)
         kept = score >= current
         if not kept:
-            compressed.load_state_dict(before)
+            compressed.load_state_dict(before, strict=False)
             logger.info("refit lowered the held-out score (%.4f -> %.4f): undone", current, score)
         else:
             current = score
@@ -505,14 +546,14 @@ def recover(
         block_steps = max(1, round(bw.share * steps)) if steps is not None else 10**9
         block_time = None if deadline is None else bw.share * (deadline - time.perf_counter())
         inputs = calibration if calibration is not None else _refit_inputs(task, bw.batches)
-        before = _state(compressed)
+        before = _state(compressed, shared)
         rep_b = reconstruct_blocks(original, compressed, inputs, steps=block_steps, lr=bw.lr, trainable=bw.trainable,
                                    time_s=block_time, seed=seed,
                                    max_time_s=None if deadline is None else min(deadline - time.perf_counter(), 1.25 * block_time))
         score = _score(task, compressed) if rep_b.blocks else current
         kept = score >= current
         if not kept:
-            compressed.load_state_dict(before)
+            compressed.load_state_dict(before, strict=False)
             logger.info("block-wise reconstruction lowered the held-out score (%.4f -> %.4f): undone", current, score)
         else:
             current = score
@@ -522,7 +563,7 @@ def recover(
 
     # ---- 3. fine-tune end to end
     if (steps is None or steps > 0) and (deadline is None or time.perf_counter() < deadline):
-        report.finetune = _finetune(original, compressed, task, opts, steps, deadline, seed, current)
+        report.finetune = _finetune(original, compressed, task, opts, steps, deadline, seed, current, shared)
         current = report.finetune["score"]
     report.score = current
     report.seconds = time.perf_counter() - t0
@@ -536,10 +577,10 @@ def _diverged(model: nn.Module, exc: Exception) -> bool:
 
 
 def _finetune(original: nn.Module, model: nn.Module, task: Any, opts: RecoveryOptions, steps: Optional[int],
-              deadline: Optional[float], seed: int, start_score: float) -> dict[str, Any]:
+              deadline: Optional[float], seed: int, start_score: float, shared: frozenset = frozenset()) -> dict[str, Any]:
     t0 = time.perf_counter()
     horizon = int(steps) if steps is not None else 10**9
-    tracker = _Tracker(task, model, start_score, opts.early_stopping, deadline, None if steps is None else horizon)
+    tracker = _Tracker(task, model, start_score, opts.early_stopping, deadline, None if steps is None else horizon, shared)
     distill = opts.distill or DistillOptions(features=0.0)
     out: dict[str, Any] = {"budget_steps": steps, "budget_time_s": None if deadline is None else deadline - t0}
     torch.manual_seed(seed)
@@ -559,7 +600,7 @@ def _finetune(original: nn.Module, model: nn.Module, task: Any, opts: RecoveryOp
         stopped = tracker.stopped_by or control.stopped_by
         out["distill"] = asdict(distill)
     else:
-        if distill.features > 0 or distill.trainable != "all" or opts.lr is not None:
+        if opts.distill not in (None, DistillOptions()) or opts.lr is not None:  # the user asked for them
             logger.warning("task %s: its finetune() takes no control: feature distillation, trainable and lr options "
                            "are not applied (early stopping and the budget are)", getattr(task, "name", type(task).__name__))
         chunk = opts.early_stopping.every if opts.early_stopping is not None else horizon
@@ -587,7 +628,7 @@ def _finetune(original: nn.Module, model: nn.Module, task: Any, opts: RecoveryOp
     if tracker.last_evaluated != done and done > 0 and stopped != "diverged":
         tracker.evaluate(done)
     if tracker.best_step != done:
-        model.load_state_dict(tracker.best_state)
+        model.load_state_dict(tracker.best_state, strict=False)
     model.eval()
     out.update({
         "steps": int(done),

@@ -13,10 +13,11 @@ from autorank.surgery import decompose
 from autorank.training.bn import fold_factor_bn, insert_factor_bn
 from autorank.training.fixed_point import freeze_fixed_point, quantize_factors
 from autorank.training.force import force_regularize, force_targets
+from autorank.training.recovery import RECOVERY_KEYS, RecoveryOptions, RecoveryReport, recover
 
 logger = logging.getLogger("autorank")
 
-__all__ = ["apply_training", "deployed_zero_shot"]
+__all__ = ["apply_training", "deployed_zero_shot", "recovery_summary"]
 
 
 def deployed_zero_shot(build: Any, training: Optional[dict]) -> Optional[nn.Module]:
@@ -43,11 +44,13 @@ def apply_training(
     task: Any,
     training: Optional[dict],
     *,
-    steps: int,
+    steps: Optional[int],
     seed: int = 0,
     calibration: Any = None,
     cache: Any = None,
     decomposed: Optional[nn.Module] = None,
+    time_s: Optional[float] = None,
+    zero_shot_score: Optional[float] = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Decompose ``dense`` by ``plan`` and fine-tune it with the training-time options; (model, what was applied).
 
@@ -63,11 +66,17 @@ def apply_training(
     3. ``fixed_point: bits``: :func:`quantize_factors` before fine-tuning,
        :func:`freeze_fixed_point` after.
 
-    Then ``task.finetune(model, steps, seed=seed)``. ``decomposed``: ``dense`` already
-    decomposed by ``plan`` (reused unless force regularization asks for another
-    starting point). The returned model is in eval mode with the plain Decomposed
-    structure (what :func:`autorank.save` / :func:`autorank.load` handle). The dict
-    says which options were applied, with counts.
+    Then recovery (:func:`autorank.training.recovery.recover`, with the
+    ``training`` keys of :data:`~autorank.training.recovery.RECOVERY_KEYS`): the
+    closed-form re-fit, block-wise reconstruction and the task's fine-tune with
+    feature distillation and early stopping, within ``steps`` optimizer steps
+    (None: unbounded when ``time_s`` is given) and ``time_s`` seconds.
+    ``decomposed``: ``dense`` already decomposed by ``plan`` (reused unless force
+    regularization asks for another starting point); ``zero_shot_score``: its
+    held-out score, if known. The returned model is in eval mode with the plain
+    Decomposed structure (what :func:`autorank.save` / :func:`autorank.load`
+    handle). The dict says which options were applied, with counts, and
+    ``recovery``: how the plan was recovered (:func:`recovery_summary`).
     """
     training = dict(training or {})
     applied: dict[str, Any] = {}
@@ -103,10 +112,26 @@ def apply_training(
     if bits:
         applied["fixed_point"] = {"bits": int(bits), "layers": quantize_factors(model, int(bits))}
     torch.manual_seed(seed)
-    trained = task.finetune(model, int(steps), seed=seed)
-    model = trained if isinstance(trained, nn.Module) else model
+    recovery = RecoveryOptions.from_dict({k: v for k, v in training.items() if k in RECOVERY_KEYS})
+    model, report = recover(dense, model, task, recovery, steps=steps, time_s=time_s, seed=seed,
+                            zero_shot_score=None if (bn or bits) else zero_shot_score)
+    applied["recovery"] = {"options": recovery.summary(), **recovery_summary(report)}
     if bn:
         fold_factor_bn(model)
     if bits:
         freeze_fixed_point(model)
     return model.eval(), applied
+
+
+def recovery_summary(report: RecoveryReport) -> dict[str, Any]:
+    """What the front shows of a recovery: scores after each stage, steps and seconds, why it stopped."""
+    ft = report.finetune or {}
+    out: dict[str, Any] = {"zero_shot": report.zero_shot, "score": report.score, "seconds": report.seconds,
+                           "steps": ft.get("steps", 0), "best_step": ft.get("best_step"), "stopped_by": ft.get("stopped_by")}
+    for stage in ("refit", "blockwise"):
+        rep = getattr(report, stage)
+        if rep is not None:
+            out[stage] = {"score": rep.get("score"), "kept": rep.get("kept")}
+    if report.refit is not None:
+        out["refit"]["layers"] = report.refit.get("refitted", 0)
+    return out
