@@ -21,8 +21,8 @@ from autorank._version import __version__
 from autorank.cache import FactorCache
 from autorank.calibration import Calibration
 from autorank.errors import AutorankError
-from autorank.saving import load, save
 from autorank.plan import LayerPlan, Plan
+from autorank.saving import load, save
 from autorank.search import search  # the function; it shadows the subpackage of the same name on purpose
 from autorank.surgery import candidate_layers, decompose, plan_of, resolve_plan
 from autorank.zoo import load_model

@@ -115,10 +115,11 @@ def resnet18(seed: int = 0) -> ResNet18:
 # ---------------------------------------------------------------------- the old implementation (TensorLy)
 def old_cp_als(tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-6):
     """autorank's CP-ALS before this change: TensorLy parafac, SVD init, seed 0, float64, unit norm."""
+    import warnings
+
     import numpy as np
     import tensorly as tl
     from tensorly.decomposition import parafac
-    import warnings
 
     tl.set_backend("numpy")
     t = np.ascontiguousarray(tensor, dtype=np.float64)

@@ -203,7 +203,8 @@ def table(results: list[dict], trial_s: float) -> str:
         "moves with the machine's load); overhead = wall per trial − the runner's own time (1 job in flight); "
         "throughput: median over repeats.",
         "",
-        "| executor | start (s) | trial (s) | overhead / trial (ms, median) | p90 (ms) | trials/h, 1 worker | trials/h, 2 workers | 2 vs 1 (median; each repeat) |",
+        "| executor | start (s) | trial (s) | overhead / trial (ms, median) | p90 (ms) | trials/h, 1 worker | trials/h, 2 workers "
+        "| 2 vs 1 (median; each repeat) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

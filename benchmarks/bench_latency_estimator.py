@@ -75,11 +75,11 @@ from torch import nn
 from autorank import methods as registry
 from autorank.cost.latency import build_table, estimate_latency
 from autorank.cost.latency_table import LatencyTable, model_signature, random_fill_
-from autorank.cost.timing import Timing, device_name, measure, resolve_device
 from autorank.cost.profile import profile_model
+from autorank.cost.timing import Timing, device_name, measure, resolve_device
 from autorank.errors import AutorankError
-from autorank.surgery import decompose, set_submodule
 from autorank.models import BertEncoder
+from autorank.surgery import decompose, set_submodule
 from autorank.zoo import demo, resnet50
 
 METHODS = ("svd", "spatial-svd", "tucker2")

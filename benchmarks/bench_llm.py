@@ -65,13 +65,13 @@ def _uptime() -> str:
 
 # ====================================================================== part 1: MiniLM
 def minilm(trials: int, steps: int, fractions: list[float]) -> dict:
+    from autorank.candidates import candidate_layers
+    from autorank.cost.profile import profile_model
     from autorank.plan import Plan
     from autorank.search import SearchSpace, search
     from autorank.search.trial import TrialRunner
-    from autorank.candidates import candidate_layers
     from autorank.tasks import load_task
     from autorank.zoo import load_model
-    from autorank.cost.profile import profile_model
 
     model = load_model("minilm")
     task = load_task("minilm", "minilm")

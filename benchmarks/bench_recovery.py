@@ -48,10 +48,10 @@ sys.path.insert(0, str(ROOT))
 
 import autorank  # noqa: E402
 from autorank.plan import Plan  # noqa: E402
-from autorank.training.recovery import RecoveryOptions, recover  # noqa: E402
 from autorank.search import SearchSpace, search  # noqa: E402
 from autorank.tasks import ClassificationTask, demo_task, minilm_task  # noqa: E402
 from autorank.tasks.demo import cache_root  # noqa: E402
+from autorank.training.recovery import RecoveryOptions, recover  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PLANS = RESULTS / "bench_recovery_plans.json"

@@ -111,7 +111,8 @@ def run_model(name, model, task, *, budgets, seeds, trials, space, workdir, floo
 
 def table(res) -> str:
     lines = [f"\n**{res['model']}** — {res['trials']} zero-shot trials per search; median over seeds (spread = max − min)\n",
-             "| budget | best uniform (method) | greedy (AIMET) | random search | autorank | autorank − best baseline | HV random | HV autorank | trials to beat best baseline |",
+             "| budget | best uniform (method) | greedy (AIMET) | random search | autorank | autorank − best baseline | HV random | HV autorank "
+             "| trials to beat best baseline |",
              "|---|---|---|---|---|---|---|---|---|"]
     for b, row in res["budgets"].items():
         base = row["baselines"]

@@ -39,7 +39,7 @@ def main(out: Path) -> float:
     base = torch.randn(128, 1, 16, 16)
     calib = base.repeat(1, 3, 1, 1) + 0.1 * torch.randn(128, 3, 16, 16)
 
-    for name, (module, reason) in autorank.candidate_layers(model).items():
+    for name, (module, _reason) in autorank.candidate_layers(model).items():
         usable = [m for m, why in autorank.methods.for_layer(module).items() if why is None]
         print(f"{name:10s} {type(module).__name__:7s} methods: {', '.join(usable)}")
 

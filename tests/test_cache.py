@@ -17,7 +17,6 @@ import autorank
 from autorank import FactorCache
 
 
-
 @pytest.fixture
 def count(monkeypatch):
     """count("svd") -> the list of ranks each real factorization of that method was asked for."""

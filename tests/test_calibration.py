@@ -21,7 +21,6 @@ import autorank
 from autorank import FactorCache
 
 
-
 def _decompose(net: nn.Module, rank, calibration=None, method="svd", options=None) -> nn.Module:
     entry = {"method": method, "rank": rank}
     if options is not None:

@@ -231,7 +231,8 @@ def test_every_claimed_layer_kind_is_exercised(method_name):
     assert method.reference and "References" in (type(method).__doc__ or "")
 
 
-@pytest.mark.parametrize("method_name,case", CASES[:1] + [c for c in CASES if c[1].id.startswith("conv-3x3")], ids=lambda v: str(v) if isinstance(v, str) else v.id)
+@pytest.mark.parametrize("method_name,case", CASES[:1] + [c for c in CASES if c[1].id.startswith("conv-3x3")],
+                         ids=lambda v: str(v) if isinstance(v, str) else v.id)
 def test_rank_out_of_range_is_refused(method_name, case):
     method = methods.get(method_name)
     layer, _ = case.build()

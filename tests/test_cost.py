@@ -74,7 +74,7 @@ def test_profile_lists_layers_with_real_shapes_and_reasons():
     assert "depthwise" in prof.layers["dw"].reasons["svd"]
     assert prof.flops == count_flops(model, torch.randn(1, 3, 32, 32))
     # break-even: the returned rank is no dearer than dense, the next rank is
-    for name, lp in prof.layers.items():
+    for lp in prof.layers.values():
         for m in lp.applicable():
             be = lp.break_even(m)
             meth = autorank.methods.get(m)

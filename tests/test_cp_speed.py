@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from autorank import methods
+from autorank.cost.budget import parse_budget
+from autorank.cost.cost_model import CostModel
 from autorank.cost.profile import profile_model
 from autorank.errors import RankTooLargeError
 from autorank.methods import layer_spec
@@ -27,8 +29,6 @@ from autorank.methods.cp import (
     cp_init,
     reconstruct,
 )
-from autorank.cost.budget import parse_budget
-from autorank.cost.cost_model import CostModel
 from autorank.search.allocate import repair, uniform_plan
 from autorank.search.space import SearchSpace
 

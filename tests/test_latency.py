@@ -24,12 +24,12 @@ from torch import nn
 from autorank import Plan
 from autorank.cost.latency import align_plan, build_table, estimate_latency
 from autorank.cost.latency_table import LatencyTable, layer_signature, model_signature
-from autorank.cost.timing import DeviceError, LatencyError, Timing, device_name, measure
-from autorank.methods._base import align_rank
-from autorank.search.latency import profile_latency_job
 from autorank.cost.profile import profile_model
+from autorank.cost.timing import DeviceError, LatencyError, Timing, device_name, measure
 from autorank.errors import AutorankError, RankError
+from autorank.methods._base import align_rank
 from autorank.methods._base import align_rank as autorank_align
+from autorank.search.latency import profile_latency_job
 
 FAST = dict(warmup=1, repeats=3, min_time=0.0)
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")

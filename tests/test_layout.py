@@ -182,3 +182,18 @@ def test_search_spaces_readme_agrees_with_the_files():
             assert listed == ["all"]
         else:
             assert listed == [x for x in data["methods"] if x != "none"], f"search_spaces/README.md row for {m.group(1)}.yaml"
+
+
+# ---------------------------------------------------------------------- the linter
+def test_the_linter_passes():
+    """`ruff check` (pyproject.toml's [tool.ruff]) over the package, the tests, the benchmarks and the examples."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it is in the test extra: pip install -e '.[test]')")
+    p = subprocess.run([ruff, "check", "--no-cache", "autorank", "tests", "benchmarks", "examples"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]

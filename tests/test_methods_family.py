@@ -21,9 +21,6 @@ import autorank
 from autorank import methods
 from autorank.errors import NotApplicableError, RankError
 from autorank.methods import layer_spec
-from autorank.methods.btd import btd_fit, default_blocks
-from autorank.methods.dcf import FixedBasisConv2d, dct_basis
-from autorank.methods.tr import ring_error, tr_svd
 from autorank.methods._tensor_network import (
     balanced_factors,
     network_full,
@@ -31,6 +28,9 @@ from autorank.methods._tensor_network import (
     tt_svd_full,
     tt_truncate,
 )
+from autorank.methods.btd import btd_fit, default_blocks
+from autorank.methods.dcf import FixedBasisConv2d, dct_basis
+from autorank.methods.tr import ring_error, tr_svd
 from tests.conftest import fvcore_flops, n_params
 
 

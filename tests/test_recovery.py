@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import autorank
 from autorank.errors import AutorankError, TaskError
 from autorank.methods._layers import Decomposed
-from autorank.training.blockwise import reconstruct_blocks
-from autorank.training.recovery import RECOVERY_KEYS, RecoveryError, RecoveryOptions, parse_duration, recover, supports_control
 from autorank.tasks import ClassificationTask, FidelityTask
 from autorank.tasks.distill import FeatureDistiller, FinetuneControl, feature_blocks, first_tensor
+from autorank.training.blockwise import reconstruct_blocks
+from autorank.training.recovery import RECOVERY_KEYS, RecoveryError, RecoveryOptions, parse_duration, recover, supports_control
 from tests.search_toys import toy_cnn, toy_task
 
 

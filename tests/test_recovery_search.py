@@ -14,8 +14,8 @@ import autorank
 from autorank.errors import AutorankError
 from autorank.search import SearchResult, SearchSpace, SpaceError, search
 from autorank.search.trial import TrialRunner
-from autorank.training.recovery import RecoveryError, recover
 from autorank.tasks import FidelityTask
+from autorank.training.recovery import RecoveryError, recover
 from tests.search_toys import toy_cnn, toy_task
 
 REPO = Path(__file__).resolve().parents[1]

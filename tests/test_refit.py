@@ -13,8 +13,8 @@ from torch import nn
 import autorank
 from autorank.errors import UnknownLayerError
 from autorank.methods._layers import Decomposed
-from autorank.training.refit import decomposed_layers, refit
 from autorank.surgery import set_submodule
+from autorank.training.refit import decomposed_layers, refit
 from tests.conftest import gpt2_conv1d_class
 
 
@@ -255,7 +255,7 @@ def test_refit_small_cache_gives_the_same_result():
     b = copy.deepcopy(a)
     refit(model, a, batches)
     refit(model, b, batches, cache_bytes=0)  # every target recomputed in its layer's pass
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (_kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(va, vb, atol=1e-6), ka
 
 

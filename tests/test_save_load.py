@@ -16,8 +16,8 @@ from torch import nn
 import autorank
 from autorank import FactorCache
 from autorank.errors import AutorankError, SaveLoadError
-from autorank.saving import metadata
 from autorank.methods import Decomposed
+from autorank.saving import metadata
 
 DEMO_PLAN = {
     "layers": {

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 import autorank
 from autorank.cost import count_flops, count_params, parse_budget, profile_model
 from autorank.cost.budget import BudgetError
+from autorank.cost.cost_model import CostModel
 from autorank.errors import AutorankError, NotApplicableError
 from autorank.search import RunDirError, SearchResult, SearchSpace, SpaceError, search
-from autorank.search.rundir import RunDir
-from autorank.cost.cost_model import CostModel
 from autorank.search.allocate import Sensitivity, greedy_plan, lagrangian_plan, repair, to_plan
+from autorank.search.rundir import RunDir
 from autorank.search.space import builtin_spaces
 from autorank.search.warm_start import warm_start_plans
 from tests.search_toys import ToyFidelity, toy_cnn, toy_task

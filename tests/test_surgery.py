@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import autorank
+from autorank.candidates import candidate_layers
 from autorank.errors import NotApplicableError, UnknownLayerError
 from autorank.methods import Decomposed
-from autorank.candidates import candidate_layers
 from autorank.surgery import resolve_plan
 
 

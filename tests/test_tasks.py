@@ -16,6 +16,7 @@ from torch import nn
 
 import autorank
 from autorank.errors import AutorankError, ModelSpecError, TaskError
+from autorank.models import DigitsCNN, seeded
 from autorank.tasks import (
     BaseTask,
     ClassificationTask,
@@ -26,7 +27,6 @@ from autorank.tasks import (
     minilm_task,
 )
 from autorank.tasks import demo as demo_mod
-from autorank.models import DigitsCNN, seeded
 from autorank.zoo import example_input
 
 

@@ -343,7 +343,8 @@ def add_commands(sub) -> None:
     pr.set_defaults(func=cmd_profile)
 
     d = sub.add_parser("decompose", help="decompose a model by a plan and save it",
-                       epilog="examples:\n" + "\n".join(ln for ln in EPILOG_MAIN.splitlines() if "decompose" in ln) + "\n", formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="examples:\n" + "\n".join(ln for ln in EPILOG_MAIN.splitlines() if "decompose" in ln) + "\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args(d)
     plan_args(d)
     d.add_argument("--calibration", metavar="FILE", help="inputs (.pt tensor or list of tensors, or .npy) for data-aware initialisation")

@@ -380,7 +380,8 @@ class LatencyTable:
         return len(self.entries)
 
     def __repr__(self) -> str:
-        return f"<LatencyTable {self.device_name}, {self.validity['dtype']}, {self.threads} threads, batch {self.batch_size}: {len(self)} entries at {self.path}>"
+        return (f"<LatencyTable {self.device_name}, {self.validity['dtype']}, {self.threads} threads, batch {self.batch_size}: "
+                f"{len(self)} entries at {self.path}>")
 
     # ------------------------------------------------------------------ entries
     def _key_of(

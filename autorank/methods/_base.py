@@ -15,9 +15,8 @@ A method knows, for the layer kinds it claims:
 
 from __future__ import annotations
 
-import os
-
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence, Union
 

@@ -18,6 +18,7 @@ the reason logged and recorded: never a random layer.
 from __future__ import annotations
 
 import logging
+
 import torch
 
 logger = logging.getLogger("autorank")

@@ -10,8 +10,18 @@ import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import (BaseMethod, Factors, LayerStats, Rank, RefitTarget, conv_out_hw, dense_cost,
-                                    dense_kernel_reason, last_factor_target, memory_limit)
+from autorank.methods._base import (
+    BaseMethod,
+    Factors,
+    LayerStats,
+    Rank,
+    RefitTarget,
+    conv_out_hw,
+    dense_cost,
+    dense_kernel_reason,
+    last_factor_target,
+    memory_limit,
+)
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, layer_spec, make_conv, nominal_input_shape, weight_matrix
 from autorank.methods.tucker2 import tucker_core
 
@@ -78,7 +88,7 @@ def btd_fit(
         u_ins.append(u_in), cores.append(core), u_outs.append(u_out), recons.append(recon)
     done = 0
     if blocks > 1:
-        for done in range(1, sweeps + 1):
+        for done in range(1, sweeps + 1):  # noqa: B007 - the sweep count is reported after the loop
             before = float(residual.norm())
             for b in range(blocks):
                 target = residual + recons[b]

@@ -11,8 +11,17 @@ import torch
 from torch import nn
 
 from autorank.errors import RankError, RankTooLargeError
-from autorank.methods._base import (DEFAULT_MEMORY_LIMIT, BaseMethod, dense_kernel_reason, Factors, LayerStats, RefitTarget,
-                                    conv_out_hw, last_factor_target, memory_limit)
+from autorank.methods._base import (
+    DEFAULT_MEMORY_LIMIT,
+    BaseMethod,
+    Factors,
+    LayerStats,
+    RefitTarget,
+    conv_out_hw,
+    dense_kernel_reason,
+    last_factor_target,
+    memory_limit,
+)
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 
 __all__ = ["CP", "CPFit", "cp_als", "cp_init", "cp_fit_gflop", "cp_als_memory_bytes", "reconstruct", "DEFAULT_MEMORY_LIMIT"]

@@ -168,7 +168,7 @@ def tr_als(
     best = [c.clone() for c in cores]
     previous = best_err
     done = 0
-    for done in range(1, sweeps + 1):
+    for done in range(1, sweeps + 1):  # noqa: B007 - the sweep count is reported after the loop
         err = previous
         for k in range(d):
             aq, qq = _normal_equations(unfolded[k], cores, k)

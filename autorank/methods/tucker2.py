@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from autorank.errors import RankError
-from autorank.methods._base import (BaseMethod, dense_kernel_reason, Factors, LayerStats, Rank, RefitTarget, conv_out_hw,
-                                    last_factor_target)
+from autorank.methods._base import BaseMethod, Factors, LayerStats, Rank, RefitTarget, conv_out_hw, dense_kernel_reason, last_factor_target
 from autorank.methods._layers import Cost, LayerSpec, conv_flops, make_conv, weight_matrix
 from autorank.methods._linalg import thin_svd
 from autorank.methods._vbmf import evbmf_rank
@@ -90,7 +89,7 @@ def hooi_factors(
     total = float((w * w).sum())
     energy = float(tucker_core(w, u_out, u_in).square().sum())
     sweeps = 0
-    for sweeps in range(1, max_iter + 1):
+    for sweeps in range(1, max_iter + 1):  # noqa: B007 - the sweep count is reported after the loop
         y = torch.einsum("nchw,ca->nahw", w, u_in)  # W ×1 U_inᵀ
         u_out = _orthonormal_basis(_mode_unfold(y, 0))[:, :r_out]
         z = torch.einsum("nchw,nb->bchw", w, u_out)  # W ×0 U_outᵀ

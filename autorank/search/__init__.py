@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from autorank.errors import SearchError
 from autorank.search.allocate import Sensitivity
+from autorank.search.params import SAMPLERS
 from autorank.search.result import FrontMember, PickError, SearchResult
 from autorank.search.rundir import RunDir, RunDirError
 from autorank.search.space import SearchSpace, SpaceError
-from autorank.errors import SearchError
-from autorank.search.params import SAMPLERS
 from autorank.search.study import search
 
 __all__ = [

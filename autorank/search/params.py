@@ -15,7 +15,9 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.samplers._tpe import _truncnorm
 from optuna.samplers._tpe.probability_distributions import (
-    _BatchedCategoricalDistributions, _BatchedDiscreteTruncNormDistributions, _unique_inverse_2d,
+    _BatchedCategoricalDistributions,
+    _BatchedDiscreteTruncNormDistributions,
+    _unique_inverse_2d,
 )
 from optuna.samplers._tpe.sampler import _split_trials, default_gamma, default_gamma_multiobjective
 from optuna.trial import TrialState

@@ -22,7 +22,6 @@ The methods a layer may take are the space's methods that apply to it, plus
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import math
 import re

@@ -23,11 +23,11 @@ from torch import nn
 from autorank.cache import FactorCache
 from autorank.calibration import Calibration, collect
 from autorank.errors import AutorankError
+from autorank.factor_layers import model_bytes
 from autorank.plan import Plan
 from autorank.saving import save
 from autorank.search.sensitivity import collect_statistics, layer_errors
 from autorank.surgery import decompose
-from autorank.factor_layers import model_bytes
 from autorank.training.recovery import RECOVERY_KEYS, RecoveryOptions, supports_control
 from autorank.training.stage import apply_training, deployed_zero_shot
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from autorank.errors import TaskError
-from autorank.tasks.distill import FeatureDistiller, FinetuneControl, TermScale, feature_blocks, kd_loss
 from autorank.tasks.base import (
     BaseTask,
     OptimizerSpec,
@@ -25,6 +24,7 @@ from autorank.tasks.base import (
     slice_batch,
     to_device,
 )
+from autorank.tasks.distill import FeatureDistiller, FinetuneControl, TermScale, feature_blocks, kd_loss
 
 logger = logging.getLogger("autorank")
 

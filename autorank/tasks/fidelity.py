@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from autorank.errors import TaskError
-from autorank.tasks.distill import FeatureDistiller, FinetuneControl, TermScale, feature_blocks
 from autorank.tasks.base import (
     BaseTask,
     OptimizerSpec,
@@ -34,6 +33,7 @@ from autorank.tasks.base import (
     split_batches,
     to_device,
 )
+from autorank.tasks.distill import FeatureDistiller, FinetuneControl, TermScale, feature_blocks
 
 logger = logging.getLogger("autorank")
 

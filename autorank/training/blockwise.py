@@ -39,8 +39,8 @@ from autorank.batches import to_device
 from autorank.calibration import as_batches, run_batch
 from autorank.errors import TaskError
 from autorank.methods._layers import Decomposed
-from autorank.training.refit import device_of
 from autorank.tasks.distill import TRAINABLE, feature_blocks, first_tensor
+from autorank.training.refit import device_of
 
 logger = logging.getLogger("autorank")
 

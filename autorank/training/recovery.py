@@ -64,10 +64,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from autorank.training.blockwise import DEFAULT_BLOCK_LR, reconstruct_blocks
 from autorank.errors import AutorankError, TaskError
-from autorank.training.refit import DEFAULT_RIDGE, refit
 from autorank.tasks.distill import TRAINABLE, FinetuneControl
+from autorank.training.blockwise import DEFAULT_BLOCK_LR, reconstruct_blocks
+from autorank.training.refit import DEFAULT_RIDGE, refit
 
 logger = logging.getLogger("autorank")
 
