@@ -55,25 +55,35 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from autorank.errors import AutorankError, TaskError
-from autorank.tasks.distill import TRAINABLE, FinetuneControl
-from autorank.training.blockwise import DEFAULT_BLOCK_LR, reconstruct_blocks
-from autorank.training.refit import DEFAULT_RIDGE, refit
+from autorank.errors import TaskError
+from autorank.tasks.distill import FinetuneControl
+from autorank.training.blockwise import reconstruct_blocks
+from autorank.training.recovery_options import (
+    RECOVERY_KEYS,
+    BlockwiseOptions,
+    DistillOptions,
+    EarlyStopping,
+    RecoveryError,
+    RecoveryOptions,
+    RefitOptions,
+    parse_duration,
+)
+from autorank.training.refit import refit
 
 logger = logging.getLogger("autorank")
 
 __all__ = [
     "RecoveryError",
     "RefitOptions",
+    "BlockwiseOptions",
     "DistillOptions",
     "EarlyStopping",
     "RecoveryOptions",
@@ -83,274 +93,6 @@ __all__ = [
     "recover",
     "supports_control",
 ]
-
-#: keys of the search space's ``training:`` block that belong to recovery
-RECOVERY_KEYS = ("refit", "blockwise", "distill", "early_stopping", "finetune_steps", "finetune_time", "lr")
-
-
-class RecoveryError(AutorankError, ValueError):
-    """A recovery option that cannot be used (the message names the key and the value)."""
-
-
-# ---------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class RefitOptions:
-    """``refit:``: ``ridge``, the pull toward the current weights in the least-squares solves (relative
-    to the Gram matrix's mean diagonal); ``low_rank``: re-solve svd's two factors jointly (else only its
-    second factor); ``batches``: how many batches of the task's fine-tuning inputs to fit on
-    (``task.training_inputs``; a task without it gives its calibration inputs)."""
-
-    ridge: float = DEFAULT_RIDGE
-    low_rank: bool = True
-    batches: int = 16
-
-
-@dataclass(frozen=True)
-class BlockwiseOptions:
-    """``blockwise:``: the ``share`` of the fine-tuning budget (steps or time) spent training each block
-    alone (:func:`autorank.training.blockwise.reconstruct_blocks`) before the end-to-end fine-tune; Adam's
-    ``lr``; ``trainable``: ``decomposed`` or ``all`` (the block's parameters); ``batches`` of the
-    task's fine-tuning inputs recorded. With a step budget S, each block gets share·S steps (a block
-    step costs about a model step divided by the number of blocks)."""
-
-    share: float = 0.7
-    lr: float = DEFAULT_BLOCK_LR
-    trainable: str = "decomposed"
-    batches: int = 16
-
-
-@dataclass(frozen=True)
-class DistillOptions:
-    """``distill:``: weight of the block-output terms (``features``, 0 = the output only) and of the
-    logit distillation of a classification task (``output``); ``modules``: a regex of the modules to
-    match instead of the blocks holding decomposed layers; ``trainable``: ``all`` or ``decomposed``."""
-
-    features: float = 2.0
-    output: float = 1.0
-    modules: Optional[str] = None
-    trainable: str = "all"
-
-
-@dataclass(frozen=True)
-class EarlyStopping:
-    """``early_stopping:``: evaluate on the held-out split every ``every`` steps; stop after
-    ``patience`` evaluations without improvement, once ``after`` of the budget (steps or time) is
-    spent; keep the best weights. (A fine-tune often dips while its learning rate is high and
-    climbs as it decays: on the digits, stopping on patience alone lost to fine-tuning to the end.)"""
-
-    every: int = 25
-    patience: int = 5
-    after: float = 0.5
-
-
-@dataclass(frozen=True)
-class RecoveryOptions:
-    """What :func:`recover` does; None for a stage turns it off. See the module docstring.
-
-    The defaults are what ``benchmarks/bench_recovery.py --ablation`` measured best at equal
-    wall time (MiniLM at 50% FLOPs, the digits, ResNet-20; README, "Recovery after compression").
-    """
-
-    refit: Optional[RefitOptions] = field(default_factory=RefitOptions)
-    blockwise: Optional[BlockwiseOptions] = field(default_factory=BlockwiseOptions)
-    distill: Optional[DistillOptions] = field(default_factory=DistillOptions)
-    early_stopping: Optional[EarlyStopping] = field(default_factory=EarlyStopping)
-    finetune_steps: Optional[int] = None
-    finetune_time: Optional[float] = None
-    lr: Optional[float] = None
-
-    @classmethod
-    def from_dict(cls, value: Union[Mapping, None, "RecoveryOptions"], source: str = "training") -> "RecoveryOptions":
-        """Options from a ``training:`` mapping (only :data:`RECOVERY_KEYS`); defaults for missing keys.
-
-        Raises :class:`RecoveryError` naming the first bad key (``source.key``) and its value.
-        """
-        if isinstance(value, RecoveryOptions):
-            return value
-        if value is None:
-            return cls()
-        if not isinstance(value, Mapping):
-            raise RecoveryError(f"{source}: expected a mapping with some of the keys {list(RECOVERY_KEYS)}, got {value!r}")
-        unknown = sorted(set(value) - set(RECOVERY_KEYS))
-        if unknown:
-            raise RecoveryError(f"{source}: unknown key(s) {unknown}; recovery options are {list(RECOVERY_KEYS)}")
-        d = cls()
-        return cls(
-            refit=_refit_options(value.get("refit", True), f"{source}.refit") if "refit" in value else d.refit,
-            blockwise=_blockwise_options(value["blockwise"], f"{source}.blockwise") if "blockwise" in value else d.blockwise,
-            distill=_distill_options(value["distill"], f"{source}.distill") if "distill" in value else d.distill,
-            early_stopping=_early_options(value["early_stopping"], f"{source}.early_stopping")
-            if "early_stopping" in value else d.early_stopping,
-            finetune_steps=_steps(value.get("finetune_steps"), f"{source}.finetune_steps"),
-            finetune_time=None if value.get("finetune_time") is None else parse_duration(value["finetune_time"], f"{source}.finetune_time"),
-            lr=_positive(value.get("lr"), f"{source}.lr", allow_none=True),
-        )
-
-    def trains_only_decomposed(self, control: bool) -> bool:
-        """Whether these options leave every parameter outside the decomposed layers unchanged.
-
-        ``control``: whether the task's fine-tune takes the distillation options
-        (:func:`supports_control`); one that does not chooses its own parameters
-        (``task.finetune_preserves_original`` says whether it keeps the original's).
-        The re-fit changes decomposed factors only.
-        """
-        if self.blockwise is not None and self.blockwise.trainable != "decomposed":
-            return False
-        return not control or (self.distill is not None and self.distill.trainable == "decomposed")
-
-    def summary(self) -> str:
-        """One line: the stages that are on (what the front's members were recovered with)."""
-        parts = []
-        if self.refit is not None:
-            parts.append("re-fit")
-        if self.blockwise is not None:
-            parts.append(f"block-wise {self.blockwise.share:.0%}")
-        if self.distill is not None:
-            parts.append(f"distill features x{self.distill.features:g}, {self.distill.trainable}")
-        if self.early_stopping is not None:
-            parts.append(f"early stopping every {self.early_stopping.every}")
-        return ", ".join(parts) or "fine-tune only"
-
-    def to_dict(self) -> dict[str, Any]:
-        """The ``training:`` form (round-trips through :meth:`from_dict`)."""
-        return {
-            "refit": False if self.refit is None else asdict(self.refit),
-            "blockwise": False if self.blockwise is None else asdict(self.blockwise),
-            "distill": False if self.distill is None else asdict(self.distill),
-            "early_stopping": False if self.early_stopping is None else asdict(self.early_stopping),
-            "finetune_steps": self.finetune_steps,
-            "finetune_time": self.finetune_time,
-            "lr": self.lr,
-        }
-
-
-def _bool(v: Any, where: str) -> bool:
-    if not isinstance(v, bool):
-        raise RecoveryError(f"{where}: expected true or false, got {v!r}")
-    return v
-
-
-def _positive(v: Any, where: str, *, allow_none: bool = False, allow_zero: bool = False) -> Optional[float]:
-    if v is None and allow_none:
-        return None
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    if not ok or float(v) < 0 or (float(v) == 0 and not allow_zero):
-        need = "a number >= 0" if allow_zero else "a positive number"
-        raise RecoveryError(f"{where}: expected {need}{' or null' if allow_none else ''}, got {v!r}")
-    return float(v)
-
-
-def _int(v: Any, where: str, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise RecoveryError(f"{where}: expected an integer >= {minimum}, got {v!r}")
-    return int(v)
-
-
-def _steps(v: Any, where: str) -> Optional[int]:
-    return None if v is None else _int(v, where, 0)
-
-
-def _keys(v: Mapping, known: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(v) - set(known))
-    if unknown:
-        raise RecoveryError(f"{where}: unknown key(s) {unknown}; expected some of {list(known)}")
-
-
-def _refit_options(v: Any, where: str) -> Optional[RefitOptions]:
-    if v is False or v is None:
-        return None
-    if v is True:
-        return RefitOptions()
-    if not isinstance(v, Mapping):
-        raise RecoveryError(f"{where}: expected true, false or {{ridge: R, low_rank: true, batches: N}}, got {v!r}")
-    _keys(v, ("ridge", "low_rank", "batches"), where)
-    d = RefitOptions()
-    return RefitOptions(
-        ridge=_positive(v.get("ridge", d.ridge), f"{where}.ridge", allow_zero=True),
-        low_rank=_bool(v.get("low_rank", d.low_rank), f"{where}.low_rank"),
-        batches=_int(v.get("batches", d.batches), f"{where}.batches", 1),
-    )
-
-
-def _blockwise_options(v: Any, where: str) -> Optional[BlockwiseOptions]:
-    if v is False or v is None:
-        return None
-    if v is True:
-        return BlockwiseOptions()
-    if not isinstance(v, Mapping):
-        raise RecoveryError(f"{where}: expected true, false or {{share: S, lr: LR, trainable: decomposed, batches: N}}, got {v!r}")
-    _keys(v, ("share", "lr", "trainable", "batches"), where)
-    d = BlockwiseOptions()
-    share = _positive(v.get("share", d.share), f"{where}.share")
-    if share >= 1:
-        raise RecoveryError(f"{where}.share: expected a fraction in (0, 1), got {v.get('share')!r}")
-    trainable = v.get("trainable", d.trainable)
-    if trainable not in TRAINABLE:
-        raise RecoveryError(f"{where}.trainable: expected one of {list(TRAINABLE)}, got {trainable!r}")
-    return BlockwiseOptions(share=share, lr=_positive(v.get("lr", d.lr), f"{where}.lr"), trainable=trainable,
-                            batches=_int(v.get("batches", d.batches), f"{where}.batches", 1))
-
-
-def _distill_options(v: Any, where: str) -> Optional[DistillOptions]:
-    if v is False or v is None:
-        return DistillOptions(features=0.0)
-    if v is True:
-        return DistillOptions()
-    if not isinstance(v, Mapping):
-        raise RecoveryError(f"{where}: expected true, false or {{features: W, output: W, trainable: all, modules: REGEX}}, got {v!r}")
-    _keys(v, ("features", "output", "trainable", "modules"), where)
-    d = DistillOptions()
-    trainable = v.get("trainable", d.trainable)
-    if trainable not in TRAINABLE:
-        raise RecoveryError(f"{where}.trainable: expected one of {list(TRAINABLE)}, got {trainable!r}")
-    modules = v.get("modules")
-    if modules is not None:
-        if not isinstance(modules, str):
-            raise RecoveryError(f"{where}.modules: expected a regular expression or null, got {modules!r}")
-        try:
-            re.compile(modules)
-        except re.error as exc:
-            raise RecoveryError(f"{where}.modules: {modules!r} is not a valid regular expression ({exc})") from None
-    return DistillOptions(
-        features=_positive(v.get("features", d.features), f"{where}.features", allow_zero=True),
-        output=_positive(v.get("output", d.output), f"{where}.output", allow_zero=True),
-        modules=modules,
-        trainable=trainable,
-    )
-
-
-def _early_options(v: Any, where: str) -> Optional[EarlyStopping]:
-    if v is False or v is None:
-        return None
-    if v is True:
-        return EarlyStopping()
-    if not isinstance(v, Mapping):
-        raise RecoveryError(f"{where}: expected true, false or {{every: N, patience: P, after: F}}, got {v!r}")
-    _keys(v, ("every", "patience", "after"), where)
-    d = EarlyStopping()
-    after = _positive(v.get("after", d.after), f"{where}.after", allow_zero=True)
-    if after > 1:
-        raise RecoveryError(f"{where}.after: expected a fraction of the budget in [0, 1], got {v.get('after')!r}")
-    return EarlyStopping(every=_int(v.get("every", d.every), f"{where}.every", 1),
-                         patience=_int(v.get("patience", d.patience), f"{where}.patience", 1), after=after)
-
-
-_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: Any, where: str = "finetune_time") -> float:
-    """Seconds from ``90``, ``"90s"``, ``"5m"``, ``"1.5h"`` (RecoveryError naming ``where`` otherwise)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)?\s*", str(value)) if isinstance(value, str) else None
-        if m is None:
-            raise RecoveryError(f"{where}: expected a duration such as 90s, 5m or 1h (or seconds), got {value!r}")
-        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise RecoveryError(f"{where}: expected a positive duration, got {value!r}")
-    return seconds
-
 
 # ---------------------------------------------------------------------- report
 @dataclass
