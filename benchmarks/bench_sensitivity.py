@@ -177,7 +177,13 @@ def main() -> None:
     ap.add_argument("--models", default="minilm,demo")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=str(RESULTS / "bench_sensitivity.json"))
+    ap.add_argument("--per-role", type=int, default=None,
+                    help="layers of each role probed for the estimate's per-layer scale (default: the library's)")
     args = ap.parse_args()
+    if args.per_role is not None:
+        import autorank.search.sensitivity as sensitivity_module
+
+        sensitivity_module.CALIBRATION_PER_ROLE = args.per_role
     torch.set_num_threads(1)
     seeds = list(range(1 if args.quick else args.seeds))
     results = []
@@ -204,7 +210,10 @@ def main() -> None:
 
 def _write(args, results, load_before) -> str:
     """Results so far (written after each model: a long run keeps what it measured)."""
-    meta = {"load_before": load_before, "load_after": os.getloadavg(), "cores": os.cpu_count(), "quick": args.quick}
+    import autorank.search.sensitivity as sensitivity_module
+
+    meta = {"load_before": load_before, "load_after": os.getloadavg(), "cores": os.cpu_count(), "quick": args.quick,
+            "per_role": sensitivity_module.CALIBRATION_PER_ROLE}
     RESULTS.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
     md = "\n".join(table_md(r) for r in results) + f"\n\nmachine: {os.cpu_count()} cores, load {meta['load_before']} → {meta['load_after']}\n"

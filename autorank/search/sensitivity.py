@@ -283,6 +283,10 @@ def layer_errors(
 
 
 # ---------------------------------------------------------------------- calibration
+#: layers of each role probed for the calibration's per-layer scale (None: every layer; see calibration_probes)
+CALIBRATION_PER_ROLE: Optional[int] = None
+
+
 def layer_role(name: str) -> str:
     """Layers that play the same part in repeated blocks share a role: the name with its indices as ``#``
     (``encoder.layer.3.attention.self.value`` → ``encoder.layer.#.attention.self.value``)."""

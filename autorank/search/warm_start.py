@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 from autorank import methods as registry
 from autorank.cost.cost_model import ChoicePlan, CostModel
 from autorank.errors import SearchError
+from autorank.search import sensitivity
 from autorank.search.allocate import Sensitivity, best_uniform, describe_plan, greedy_plan, lagrangian_plan, probe_rhos, to_plan
 from autorank.search.executor_base import BaseExecutor
 from autorank.search.params import choice_to_params
@@ -77,7 +78,7 @@ def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: Cost
     else:
         _estimate_errors(run, executor, choices, cost, errors, failed_layers, emit, t0, seed, points)
         t_errors = time.perf_counter() - t0
-        probes = calibration_probes({n: errors[n] for n in choices if n in errors})
+        probes = calibration_probes({n: errors[n] for n in choices if n in errors}, per_role=sensitivity.CALIBRATION_PER_ROLE)
         # layers whose estimate failed are probed as the full table would
         probes += [(n, m, r) for n in choices if n in failed_layers for m in choices[n].methods if m != "none"
                    for r in probe_rhos(choices[n].rhos_for(m), points)]
