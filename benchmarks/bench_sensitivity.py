@@ -26,6 +26,7 @@ Results: benchmarks/results/bench_sensitivity.json and .md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -181,9 +182,7 @@ def main() -> None:
                     help="layers of each role probed for the estimate's per-layer scale (default: the library's)")
     args = ap.parse_args()
     if args.per_role is not None:
-        import autorank.search.sensitivity as sensitivity_module
-
-        sensitivity_module.CALIBRATION_PER_ROLE = args.per_role
+        importlib.import_module("autorank.search.sensitivity").CALIBRATION_PER_ROLE = args.per_role
     torch.set_num_threads(1)
     seeds = list(range(1 if args.quick else args.seeds))
     results = []
@@ -210,8 +209,7 @@ def main() -> None:
 
 def _write(args, results, load_before) -> str:
     """Results so far (written after each model: a long run keeps what it measured)."""
-    import autorank.search.sensitivity as sensitivity_module
-
+    sensitivity_module = importlib.import_module("autorank.search.sensitivity")
     meta = {"load_before": load_before, "load_after": os.getloadavg(), "cores": os.cpu_count(), "quick": args.quick,
             "per_role": sensitivity_module.CALIBRATION_PER_ROLE}
     RESULTS.mkdir(parents=True, exist_ok=True)
