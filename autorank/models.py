@@ -29,7 +29,15 @@ class DigitsCNN(nn.Module):
     latency on a CPU, so that a decomposition that removes FLOPs also removes
     time (with ``width=32, upsample=1``, 3 MFLOPs, the overhead dominates and a
     factorized model, with more operators, runs slower than the original).
+
+    ``latency_threads = 1``: at batch 1 this model runs fastest on one CPU thread
+    (1.4 ms against 2.4 ms on two threads of a 2-core machine: each batch norm goes
+    from 21 to 111 µs, the small convolutions wait for the second thread), so a
+    latency budget measures it as it would be deployed (``--threads`` overrides it).
     """
+
+    #: the CPU threads this model is deployed with (see autorank.search.latency.declared_threads)
+    latency_threads = 1
 
     def __init__(self, width: int = 64, num_classes: int = 10, upsample: int = 2):
         super().__init__()

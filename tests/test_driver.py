@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import random
@@ -131,18 +132,34 @@ def test_static_tpe_resumed_between_refits_samples_what_the_uninterrupted_one_do
 
 
 # ---------------------------------------------------------------------- repair and fill by heap
-@pytest.mark.parametrize("pct", ["20%flops", "45%flops", "30%params"])
-def test_repair_and_fill_by_heap_make_the_same_moves_as_the_scan(pct):
+def _break_even(choices: dict) -> dict:
+    """Choices whose upper ρ are refused, as the latency break-even refuses them (slower than the dense layer)."""
+    out = {}
+    for i, (n, ch) in enumerate(choices.items()):
+        top = ch.rhos[len(ch.rhos) // 2 + i % 3:]
+        refused = tuple((m, r, "not faster than the dense layer") for m in ch.methods if m != "none" for r in top)
+        out[n] = dataclasses.replace(ch, refused=ch.refused + refused)
+    return out
+
+
+@pytest.mark.parametrize("pct,refuse", [("20%flops", False), ("45%flops", False), ("30%params", False),
+                                        ("20%flops", True), ("45%flops", True)])
+def test_repair_and_fill_by_heap_make_the_same_moves_as_the_scan(pct, refuse):
     model = toy_cnn()
     prof = profile_model(model, torch.randn(1, 3, 8, 8))
     choices = SearchSpace.load("default").choices(prof)
+    if refuse:  # the heap once proposed refused ρ (a dense layer's only move, to the top of the grid): repairs failed
+        choices = _break_even(choices)
     cost = CostModel(prof, parse_budget(pct))
     rnd = random.Random(1)
     sens = allocate.Sensitivity(1.0, {n: {m: [(r, 1 - rnd.random() * 0.05 * (1 - r)) for r in (0.1, 0.5, 0.9)]
                                           for m in ch.methods if m != "none"} for n, ch in choices.items()})
     options = {n: allocate._options(ch) for n, ch in choices.items()}
     for _ in range(25):
-        cp = {n: (rnd.choice(ch.methods), rnd.choice(ch.rhos)) for n, ch in choices.items()}
+        cp = {}
+        for n, ch in choices.items():  # a sampled plan, snapped to the layer's allowed grid as params.suggest does
+            m = rnd.choice(ch.methods)
+            cp[n] = (m, rnd.choice(ch.rhos_for(m)) if m != "none" else rnd.choice(ch.rhos))
         fast = allocate.repair(cp, choices, cost, sens.drop)
         fast_fill = allocate.fill(fast[0], options, cost, sens.drop)
         one = dict(cost.limits)
@@ -156,6 +173,7 @@ def test_repair_and_fill_by_heap_make_the_same_moves_as_the_scan(pct):
             cost.limits = one
         assert fast == slow
         assert fast_fill == slow_fill
+        assert all(choices[n].allows(*c) for n, c in fast[0].items())  # never a refused (method, ρ)
 
 
 # ---------------------------------------------------------------------- the driver

@@ -23,7 +23,7 @@ from autorank import Plan
 from autorank.cost.latency import device_ranks, grid_candidates, probe_ranks
 from autorank.cost.latency_table import LatencyTable, layer_signature
 from autorank.cost.profile import profile_model
-from autorank.cost.timing import DeviceError, default_threads, measure_side_by_side
+from autorank.cost.timing import DeviceError, LatencyError, default_threads, measure_side_by_side
 from autorank.search import search
 from autorank.search.latency import LatencyTableMismatch, LatencyTarget, latency_job
 from autorank.search.result import FrontMember, PickError, SearchResult
@@ -245,6 +245,24 @@ def test_side_by_side_measurement_interleaves_and_reports_every_module():
     t = measure_side_by_side({"big": big, "small": small}, torch.randn(1, 256), threads=1, rounds=3, repeats=3, min_time=0.0)
     assert set(t) == {"big", "small"} and all(v.repeats >= 9 and v.min <= v.median for v in t.values())
     assert LatencyTarget.make(None, None, None).threads is None and default_threads() >= 1
+
+
+def test_a_model_or_task_declares_the_threads_it_is_deployed_with():
+    """The demo runs fastest on one thread at batch 1: a latency target measures it so unless --threads says otherwise."""
+    from autorank.models import DigitsCNN
+
+    demo = DigitsCNN()
+    assert LatencyTarget.make(None, None, None, model=demo).threads == 1
+    assert LatencyTarget.make(None, None, 2, model=demo).threads == 2  # --threads overrides
+    assert LatencyTarget.make("cuda", None, None, model=demo).threads is None  # a CPU setting only
+
+    class Task:
+        device, latency_threads = "cpu", 3
+
+    assert LatencyTarget.make(None, None, None, Task(), model=demo).threads == 3  # the task's word first
+    Task.latency_threads = 0
+    with pytest.raises(LatencyError, match="latency_threads"):
+        LatencyTarget.make(None, None, None, Task())
     with pytest.raises(Exception, match="batch size"):
         LatencyTarget.make("cpu", 0, None)
 

@@ -214,7 +214,7 @@ def cmd_profile(args) -> int:
     err = get_console(stderr=True)
     table = None
     if not args.no_latency:
-        target = LatencyTarget.make(args.device, bs, args.threads)
+        target = LatencyTarget.make(args.device, bs, args.threads, model=model)
         space = SearchSpace.load(args.space) if args.latency else None
         with _table_progress(err, args.json, f"measuring latency on {args.device}") as progress:
             table, base_prof, break_even = profile_table(model, x, target, space=space, progress=progress)

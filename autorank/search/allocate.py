@@ -162,10 +162,10 @@ def _moves(name: str, ch: LayerChoice, current: tuple[str, float]) -> list[tuple
     """The repair's moves for one layer, in the order the full scan tries them."""
     method, rho = current
     if method == "none":
-        return [(m, ch.rhos[-1]) for m in ch.methods if m != "none"]
+        return [(m, ch.snap(m, ch.rhos[-1])) for m in ch.methods if m != "none"]
     i = _index(ch.rhos, rho)
-    moves = [(method, ch.rhos[i - 1])] if i > 0 else []
-    return moves + [(m, ch.rhos[i] if i > 0 else ch.rhos[0]) for m in ch.methods if m not in ("none", method)]
+    moves = [(method, ch.rhos[i - 1])] if i > 0 and ch.allows(method, ch.rhos[i - 1]) else []
+    return moves + [(m, ch.snap(m, ch.rhos[i] if i > 0 else ch.rhos[0])) for m in ch.methods if m not in ("none", method)]
 
 
 def _repair_one_limit(cp: ChoicePlan, choices: dict[str, LayerChoice], cost: CostModel,

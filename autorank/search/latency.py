@@ -77,11 +77,31 @@ class LatencyTableMismatch(LatencyError):
     """A run directory's latency table was measured on another device or configuration than the target."""
 
 
+def declared_threads(*owners: Any) -> Optional[int]:
+    """The CPU thread count a task or model says it is deployed with (its ``latency_threads``), or None.
+
+    A model that runs fastest on fewer threads than the machine has declares it, so
+    that a latency budget is measured as it would be deployed: the built-in demo
+    (48 MFLOPs at batch 1) runs in 1.4 ms on one thread of a 2-core machine and in
+    2.4 ms on two, where every batch norm and small convolution waits for the second
+    thread (`autorank.models.DigitsCNN`). ``--threads`` always overrides it.
+    """
+    for owner in owners:
+        n = getattr(owner, "latency_threads", None)
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise LatencyError(f"{type(owner).__name__}.latency_threads must be a positive integer, got {n!r}")
+            return n
+    return None
+
+
 @dataclass(frozen=True)
 class LatencyTarget:
     """Where the search measures latency: ``device`` (``cpu``, ``cuda``, ``cuda:N``), ``batch_size``, ``threads``.
 
-    ``threads`` None: the target machine's default (its physical cores,
+    ``threads`` None: the thread count the model or task declares it is deployed
+    with (:func:`declared_threads`: a ``latency_threads`` attribute, the demo's 1),
+    else the target machine's default (its physical cores,
     :func:`autorank.cost.timing.default_threads`), resolved where the measurement
     runs. ``rounds``: interleaved rounds of the front's re-measurement.
     ``statistic``: what a latency is of its timed samples (each at least 1 ms of
@@ -105,9 +125,12 @@ class LatencyTarget:
 
     @classmethod
     def make(cls, device: Optional[str], batch_size: Optional[int], threads: Optional[int], task: Any = None,
-             statistic: str = "min", clock: str = "wall") -> "LatencyTarget":
-        """Checked settings; ``device`` None: the task's device (else cpu), ``batch_size`` None: 1."""
+             statistic: str = "min", clock: str = "wall", model: Any = None) -> "LatencyTarget":
+        """Checked settings; ``device`` None: the task's device (else cpu), ``batch_size`` None: 1, ``threads``
+        None on a CPU: what the task or model declares (:func:`declared_threads`), else the machine's default."""
         dev = str(device if device is not None else (getattr(task, "device", None) or "cpu"))
+        if threads is None and dev.startswith("cpu"):
+            threads = declared_threads(task, model)
         try:
             kind = torch.device(dev).type
         except (RuntimeError, TypeError, ValueError):

@@ -177,7 +177,7 @@ def search(
     steps, ft_time = _finetune_budget(finetune_steps, finetune_time, space.training, task)
     if latency_target is not None and (device, batch_size, threads) != (None, None, None):
         raise SearchError("give either latency_target or device / batch_size / threads, not both")
-    target = latency_target or LatencyTarget.make(device, batch_size, threads, task)
+    target = latency_target or LatencyTarget.make(device, batch_size, threads, task, model=model)
     needs_table = budget.needs_latency or (align == "device" and space.align is None)
     executor = executor or InProcessExecutor()
     if needs_table or measure_latency:  # a device this machine (or the cluster) lacks fails now, not after the trials
@@ -243,7 +243,7 @@ def search(
                 f"budget {budget.text()!r} cannot be met by any plan of search space {space.source}: "
                 f"the cheapest plan reaches {reached} of the original"
                 + (f" (estimated; {100 * reserve:.1f}% of the original's latency is kept in reserve for what the estimate "
-                   "missed on whole models, see latency.json)" if reserve else "")
+                   "missed on whole models; `autorank profile --latency` shows the table)" if reserve else "")
             )
 
         # ---- workers
