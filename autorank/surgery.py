@@ -237,7 +237,7 @@ def plan_of(model: nn.Module) -> Plan:
 def apply_skeleton(model: nn.Module, plan: Plan) -> nn.Module:
     """Replace the plan's layers in place by meta-device skeletons (for loading saved weights)."""
     for name, lp in sorted(plan.layers.items(), key=lambda kv: kv[0].count(".")):
-        candidates = {name: (model.get_submodule(name), None)} if _has(model, name) else {}
+        candidates = {name: (model.get_submodule(name), None)} if has_submodule(model, name) else {}
         module = _lookup(model, name, candidates)
         method = registry.get(lp.method)
         method.check_applies(module, name)
@@ -253,7 +253,8 @@ def _restore(replacement: Decomposed, options: Optional[dict]) -> Decomposed:
     return replacement
 
 
-def _has(model: nn.Module, name: str) -> bool:
+def has_submodule(model: nn.Module, name: str) -> bool:
+    """Whether ``model`` has a submodule at the qualified ``name``."""
     try:
         model.get_submodule(name)
         return True

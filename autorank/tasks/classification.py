@@ -224,13 +224,9 @@ class ClassificationTask(BaseTask):
                 distiller = FeatureDistiller(model, teacher, feature_blocks(model, control.modules))
             if teacher is not None:
                 teacher.to(self.device).eval()
-            try:  # last: it freezes the parameters not trained until control.finish()
-                opt, sched = control.optimizer(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr), None
-            except BaseException:
-                if distiller is not None:
-                    distiller.close()
-                raise
-            control.start()
+            # last: it freezes the parameters not trained until control.finish()
+            opt = control.begin(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr, distiller)
+            sched = None
         use_teacher = teacher is not None and (distiller is not None or control.output > 0)
         done = 0
         model.train()

@@ -129,6 +129,19 @@ class FinetuneControl:
             p.requires_grad_(False)
         return make(params, float(self.lr if self.lr is not None else lr))
 
+    def begin(self, make: Callable[[list, float], torch.optim.Optimizer], model: nn.Module, lr: float,
+              distiller: Optional["FeatureDistiller"] = None) -> torch.optim.Optimizer:
+        """:meth:`optimizer` then :meth:`start`, closing ``distiller`` (its hooks) if the optimizer cannot be made:
+        what a task's ``finetune`` does last before its loop."""
+        try:
+            opt = self.optimizer(make, model, lr)
+        except BaseException:
+            if distiller is not None:
+                distiller.close()
+            raise
+        self.start()
+        return opt
+
     def start(self) -> None:
         self._t0 = time.perf_counter()
         self.steps_done = 0

@@ -328,13 +328,9 @@ class FidelityTask(BaseTask):
                                     "pass control.teacher)")
                 teacher.to(self.device)
                 distiller = FeatureDistiller(model, teacher, feature_blocks(model, control.modules))
-            try:  # last: it freezes the parameters not trained until control.finish()
-                opt, sched = control.optimizer(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr), None
-            except BaseException:
-                if distiller is not None:
-                    distiller.close()
-                raise
-            control.start()
+            # last: it freezes the parameters not trained until control.finish()
+            opt = control.begin(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr, distiller)
+            sched = None
         gen = torch.Generator().manual_seed(int(seed))
         n = len(self.train_batches)
         order: list[int] = []

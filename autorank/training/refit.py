@@ -65,6 +65,7 @@ from autorank.calibration import _rows, as_batches, run_batch
 from autorank.errors import CalibrationError, UnknownLayerError
 from autorank.methods._base import RefitTarget
 from autorank.methods._layers import Decomposed, layer_spec
+from autorank.surgery import has_submodule
 
 logger = logging.getLogger("autorank")
 
@@ -410,7 +411,7 @@ def refit(
     wanted = list(decs) if layers is None else list(layers)
     for name in wanted:
         if name not in decs:
-            kind = "no module" if not _has(compressed, name) else "no decomposed layer"
+            kind = "no module" if not has_submodule(compressed, name) else "no decomposed layer"
             raise UnknownLayerError(f"refit: layer {name!r}: the compressed model has {kind} by that name")
     report = RefitReport()
     members: dict[str, _Member] = {}
@@ -464,14 +465,6 @@ def refit(
 def _ordered(wanted: Sequence[str], order: Sequence[str]) -> list[str]:
     seen = [n for n in order if n in wanted]
     return seen + [n for n in wanted if n not in seen]
-
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 def _cache_targets(members: list[_Member], original: nn.Module, batches: list, original_device: torch.device,
