@@ -288,13 +288,7 @@ class RayExecutor(BaseExecutor):
 
     def close(self) -> None:
         """Stop the workers; shut down the Ray connection (and the local instance) only if this executor started it."""
-        if self._impl is not None:
-            try:
-                self.worker_info = self._impl.info()
-            except Exception:  # pragma: no cover - informational
-                pass
-            self._impl.close()
-            self._impl = None
+        self.release_workers()
         if self._owns_ray:
             ray_module().shutdown()
             self._owns_ray = False
