@@ -28,34 +28,12 @@ from autorank.methods import get as get_method
 from autorank.search import SearchSpace, SpaceError, search
 from autorank.search import rundir as rundir_mod
 from autorank.search.rundir import RunDir, RunDirLockedError, RunLock
+from tests.cli_helpers import assert_one_line_error, run_main
 from tests.search_toys import toy_cnn, toy_task
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["--model", "tests.search_toys:toy_cnn", "--task", "tests.search_toys:toy_task"]
 QUICK = ["--finetune", "0", "--no-warm-start", "-q"]
-
-
-def run_main(*args: str, cwd: Path, capsys, monkeypatch):
-    from autorank.cli import main
-
-    monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    try:
-        rc = main(list(args))
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else 2
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def assert_one_line_error(rc: int, err: str, *needles: str) -> str:
-    assert rc == 2, (rc, err[-2000:])
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error:"), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[-1], (n, lines[-1])
-    return lines[-1]
 
 
 def cli_env(**extra: str) -> dict:

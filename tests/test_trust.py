@@ -33,6 +33,7 @@ from autorank.search import search
 from autorank.search.rundir import RunDirError
 from autorank.specs import UntrustedSpecError, is_safe_spec
 from autorank.zoo import SPEC_ATTR
+from tests.cli_helpers import assert_one_line_error, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,29 +72,6 @@ def _one_line(exc: BaseException, *needles: str) -> str:
     for n in needles:
         assert n in text, (n, text)
     return text
-
-
-def run_main(*args: str, cwd: Path, capsys, monkeypatch):
-    from autorank.cli import main
-
-    monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    try:
-        rc = main(list(args))
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else 2
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def assert_one_line_error(rc: int, err: str, *needles: str) -> str:
-    assert rc == 2, (rc, err[-2000:])
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error:"), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[-1], (n, lines[-1])
-    return lines[-1]
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -274,12 +274,7 @@ def recover(
         before = _state(compressed, shared)
         rep = refit(original, compressed, inputs, ridge=opts.refit.ridge, low_rank=opts.refit.low_rank)
         score = _score(task, compressed)
-        kept = score >= current
-        if not kept:
-            compressed.load_state_dict(before, strict=False)
-            logger.info("refit lowered the held-out score (%.4f -> %.4f): undone", current, score)
-        else:
-            current = score
+        current, kept = _keep_or_undo(compressed, before, current, score, "refit")
         report.refit = {**rep.to_dict(), "score": score, "kept": kept}
 
     # ---- 2. block-wise reconstruction, a share of the budget
@@ -293,12 +288,7 @@ def recover(
                                    time_s=block_time, seed=seed,
                                    max_time_s=None if deadline is None else min(deadline - time.perf_counter(), 1.25 * block_time))
         score = _score(task, compressed) if rep_b.blocks else current
-        kept = score >= current
-        if not kept:
-            compressed.load_state_dict(before, strict=False)
-            logger.info("block-wise reconstruction lowered the held-out score (%.4f -> %.4f): undone", current, score)
-        else:
-            current = score
+        current, kept = _keep_or_undo(compressed, before, current, score, "block-wise reconstruction")
         report.blockwise = {**rep_b.to_dict(), "score": score, "kept": kept}
         if steps is not None:
             steps = max(0, steps - block_steps)
@@ -311,6 +301,15 @@ def recover(
     report.seconds = time.perf_counter() - t0
     compressed.eval()
     return compressed, report
+
+
+def _keep_or_undo(model: nn.Module, before: dict, current: float, score: float, stage: str) -> tuple[float, bool]:
+    """A stage is kept when the held-out score did not drop, else its weights are put back: (score now, kept)."""
+    if score >= current:
+        return score, True
+    model.load_state_dict(before, strict=False)
+    logger.info("%s lowered the held-out score (%.4f -> %.4f): undone", stage, current, score)
+    return current, False
 
 
 def _diverged(model: nn.Module, exc: Exception) -> bool:
