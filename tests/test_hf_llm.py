@@ -220,6 +220,12 @@ def test_perplexity_task_scores_minus_log_perplexity_on_held_out_windows(llama):
     assert score == pytest.approx(-float(nll), rel=1e-5)
     assert task.perplexity(score) == pytest.approx(task.original_perplexity) and task.original_perplexity < VOCAB / 4  # trained
     assert task.example_inputs().shape == (1, 64) and task.metric == "neg-log-perplexity"
+    with torch.no_grad():  # a fraction scores the first windows (batches of task.batch_size)
+        first = task.held_out[: task.batch_size]
+        logits = model(first).logits
+    half = -float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), first[:, 1:].reshape(-1)))
+    n = -(-task.held_out.shape[0] // task.batch_size)
+    assert task.evaluate(model, fraction=1 / n) == pytest.approx(half, rel=1e-5)
     assert task.fingerprint() == _task(llama).fingerprint()
 
 

@@ -30,7 +30,7 @@ from autorank.search.sensitivity import (
     spearman,
 )
 from tests.conftest import LAYER_CASES
-from tests.search_toys import toy_cnn, toy_task
+from tests.search_toys import ToyFidelity, toy_cnn, toy_task
 
 CASES = [(c, m) for c in LAYER_CASES for m in registry.available() if registry.get(m).applies(c.build()[0]) is None]
 
@@ -174,6 +174,44 @@ def test_estimate_ranks_layers_like_the_full_table_with_far_fewer_evaluations(tm
     # probed points keep their measured scores
     for n, m, r, s in e["estimate"]["probes"]:
         assert dict(map(tuple, e["scores"][n][m]))[r] == s
+
+
+class _HalfScoringToy(ToyFidelity):
+    """The toy task scoring part of its inputs when asked (``fraction``), 0.1 lower there, each call recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[float, float]] = []
+
+    def evaluate(self, model: nn.Module, fraction: float = 1.0) -> float:
+        if fraction == 1.0:
+            score = super().evaluate(model)
+        else:
+            n = max(1, round(fraction * len(self.x)))
+            with torch.no_grad():
+                out = model.eval()(self.x[:n])
+            score = float(1 - (out - self.ref[:n]).norm() / self.ref[:n].norm()) - 0.1
+        self.calls.append((fraction, score))
+        return score
+
+
+def test_calibration_probes_score_half_the_held_out_split_against_the_original_on_that_half(tmp_path):
+    """Each probe is scored on half the held-out split (PROBE_FRACTION) and enters the table as the drop from
+    the original's score on that half, taken off the whole score; the trials are scored whole. A task that
+    cannot score a part has its probes scored whole."""
+    task = _HalfScoringToy()
+    res = search(toy_cnn(), task, budget="30%flops", trials=3, finetune=0, measure_latency=False, out=tmp_path / "r")
+    doc = json.loads((res.run_dir / "sensitivity.json").read_text())
+    est = doc["estimate"]
+    halves = [s for f, s in task.calls if f == 0.5]
+    assert est["probe_fraction"] == 0.5 and est["probe_base"] == pytest.approx(halves[0]) and halves[0] < 0.95
+    probes = sorted(s for _, _, _, s in est["probes"])
+    assert len(probes) == len(halves) - 1 >= 3
+    assert probes == pytest.approx(sorted(doc["base"] - (halves[0] - h) for h in halves[1:]))
+    assert sum(f == 1.0 for f, _ in task.calls) >= 1 + 3  # the original and the trials, scored whole
+    whole = search(toy_cnn(), toy_task(), budget="30%flops", trials=2, finetune=0, measure_latency=False, out=tmp_path / "w")
+    est = json.loads((whole.run_dir / "sensitivity.json").read_text())["estimate"]
+    assert est["probe_base"] == pytest.approx(json.loads((whole.run_dir / "sensitivity.json").read_text())["base"])
 
 
 def test_a_bad_sensitivity_mode_is_refused(tmp_path):

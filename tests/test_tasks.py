@@ -259,6 +259,38 @@ def test_fidelity_cosine_scores_original_one_and_perturbed_lower(trained):
     assert large == pytest.approx(float(expected), abs=1e-5)
 
 
+def test_a_fraction_of_the_held_out_split_scores_its_first_batches(trained):
+    """``evaluate(model, fraction=f)`` scores the first ceil(f·n) held-out batches: the same score as a task
+    holding only those; the built-in tasks take it, a plain user task does not; a bad fraction is refused."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autorank.tasks.base import held_out_part, supports_fraction
+
+    batches = _digit_batches(6, 30)
+    whole = FidelityTask(batches[:2], held_out=batches[2:])  # 4 held-out batches
+    part = FidelityTask(batches[:2], held_out=batches[2:4])
+    model = _perturbed(trained, 0.5)
+    for t in (whole, part):
+        t.setup(trained)
+    assert whole.evaluate(model, fraction=0.5) == pytest.approx(part.evaluate(model), abs=1e-7)
+    assert whole.evaluate(model, fraction=0.5) != pytest.approx(whole.evaluate(model), abs=1e-6)
+    assert whole.evaluate(model, fraction=0.3) == pytest.approx(part.evaluate(model), abs=1e-7)  # ceil(1.2) = 2
+    _, _, x_va, y_va = demo_mod.digits_split()
+    val = DataLoader(TensorDataset(x_va[:200], y_va[:200]), batch_size=50)
+    cls, first = ClassificationTask(val, val), ClassificationTask(val, val, max_eval_batches=2)
+    assert cls.evaluate(model, fraction=0.5) == first.evaluate(model) != cls.evaluate(model)
+    assert supports_fraction(whole) and supports_fraction(cls) and not supports_fraction(_PlainTask())
+    assert [held_out_part(4, f) for f in (0.01, 0.25, 0.5, 1.0)] == [1, 1, 2, 4]
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(TaskError, match="fraction must be in"):
+            whole.evaluate(model, fraction=bad)
+
+
+class _PlainTask:
+    def evaluate(self, model):
+        return 1.0
+
+
 def test_fidelity_setup_copies_the_original(trained):
     task = FidelityTask(_digit_batches())
     task.setup(trained)

@@ -21,7 +21,8 @@ over the calibration batches and a handful of evaluations:
    ``e = Σ_o w_o [(W − W′) G (W − W′)ᵀ]_oo / Σ_n ‖y_n‖²``, a relative error of
    the model's output that needs no forward pass of the model.
 3. **Calibration** (:func:`calibration_probes`, :func:`calibrate`): a few real
-   zero-shot evaluations at the ends of the grid fit ``drop ≈ k · c_method · e^α``
+   zero-shot evaluations at the ends of the grid (each on half the held-out split,
+   ``PROBE_FRACTION``, its drop taken from the original's score on the same half) fit ``drop ≈ k · c_method · e^α``
    (``k`` per layer where probed, else per layer role); the evaluated points keep
    their measured scores.
 
@@ -285,6 +286,9 @@ def layer_errors(
 # ---------------------------------------------------------------------- calibration
 #: layers of each role probed for the calibration's per-layer scale (None: every layer; see calibration_probes)
 CALIBRATION_PER_ROLE: Optional[int] = None
+#: the part of the task's held-out split a calibration probe is scored on (its drop from the original's score
+#: on the same part; tasks whose ``evaluate`` takes a ``fraction``): a scale per layer needs less than a score
+PROBE_FRACTION = 0.5
 
 
 def layer_role(name: str) -> str:

@@ -28,6 +28,7 @@ from autorank.plan import Plan
 from autorank.saving import save
 from autorank.search.sensitivity import collect_statistics, layer_errors
 from autorank.surgery import decompose
+from autorank.tasks.base import supports_fraction
 from autorank.training.recovery import RECOVERY_KEYS, RecoveryOptions, supports_control
 from autorank.training.stage import apply_training, deployed_zero_shot
 
@@ -120,15 +121,19 @@ class TrialRunner:
         opts = RecoveryOptions.from_dict({k: v for k, v in (training or {}).items() if k in RECOVERY_KEYS})
         return opts.trains_only_decomposed(supports_control(self.task))
 
-    def evaluate(self, model: nn.Module) -> float:
+    def evaluate(self, model: nn.Module, fraction: float = 1.0) -> float:
+        """The task's score of ``model``; ``fraction`` < 1: on that part of its held-out split (a task whose
+        ``evaluate`` takes no ``fraction`` is scored whole)."""
         with torch.no_grad():
+            if fraction != 1.0 and supports_fraction(self.task):
+                return _finite_score(self.task.evaluate(model, fraction=fraction), "evaluate()")
             return _finite_score(self.task.evaluate(model), "evaluate()")
 
     # ------------------------------------------------------------------ jobs
     def run(self, kind: str, payload: dict) -> dict[str, Any]:
         """Run one job by name: ``zero_shot``, ``finetune``, ``save`` or ``estimate`` (the executors' single entry point)."""
         if kind == "zero_shot":
-            return self.zero_shot(payload["plan"])
+            return self.zero_shot(payload["plan"], fraction=float(payload.get("fraction", 1.0)))
         if kind == "estimate":
             return self.estimate(payload["layers"], all_layers=payload.get("all_layers"), weighting=payload.get("weighting", True),
                                  seed=payload.get("seed", 0))
@@ -140,15 +145,16 @@ class TrialRunner:
                                  time_s=payload.get("time_s"))
         raise ValueError(f"unknown job kind {kind!r}")
 
-    def zero_shot(self, plan_dict: dict) -> dict[str, Any]:
-        """Score a plan without training. Never raises: failures come back with ``error``."""
+    def zero_shot(self, plan_dict: dict, fraction: float = 1.0) -> dict[str, Any]:
+        """Score a plan without training (``fraction``: on that part of the held-out split, see
+        :meth:`evaluate`). Never raises: failures come back with ``error``."""
         out: dict[str, Any] = {"where": where()}
         t0 = time.perf_counter()
         try:
             plan = Plan.from_dict(plan_dict)
             model = self.build(plan)
             t1 = time.perf_counter()
-            out["score"] = self.evaluate(model)
+            out["score"] = self.evaluate(model, fraction)
             t2 = time.perf_counter()
             out["time_decompose_s"] = t1 - t0
             out["time_evaluate_s"] = t2 - t1

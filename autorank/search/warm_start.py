@@ -20,7 +20,7 @@ from autorank.cost.cost_model import ChoicePlan, CostModel
 from autorank.errors import SearchError
 from autorank.search import sensitivity
 from autorank.search.allocate import Sensitivity, best_uniform, describe_plan, greedy_plan, lagrangian_plan, probe_rhos, to_plan
-from autorank.search.executor_base import BaseExecutor
+from autorank.search.executor_base import BaseExecutor, run_one
 from autorank.search.params import choice_to_params
 from autorank.search.rundir import RunDir
 from autorank.search.sensitivity import SENSITIVITY_MODES, calibrate, calibration_probes, estimated_scores
@@ -57,9 +57,13 @@ def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: Cost
     measured: dict[tuple[str, str, float], float] = {}
     errors: dict[str, dict[str, list[tuple[float, Optional[float]]]]] = {}
     failed_layers: set[str] = set()
+    fraction = sensitivity.PROBE_FRACTION if mode == "estimate" else 1.0
+    part_base: Optional[float] = None  # the original's score on that part of the held-out split
     for rec in run.read_jsonl(CHECKPOINT):
-        if rec.get("kind") == "probe":
+        if rec.get("kind") == "probe" and float(rec.get("fraction", 1.0)) == fraction:
             measured[(rec["layer"], rec["method"], float(rec["rho"]))] = float(rec["score"])
+        elif rec.get("kind") == "probe_base" and float(rec.get("fraction", 1.0)) == fraction:
+            part_base = float(rec["score"])
         elif rec.get("kind") == "errors":
             errors[rec["layer"]] = {m: [(float(r), e) for r, e in pts] for m, pts in rec["errors"].items()}
         elif rec.get("kind") == "errors_failed":
@@ -82,7 +86,10 @@ def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: Cost
         # layers whose estimate failed are probed as the full table would
         probes += [(n, m, r) for n in choices if n in failed_layers for m in choices[n].methods if m != "none"
                    for r in probe_rhos(choices[n].rhos_for(m), points)]
-        _probe(run, executor, cost, probes, measured, base, emit, t0)
+        if fraction < 1.0 and part_base is None and any(p not in measured for p in probes):
+            part_base = _part_base(executor, fraction, base)
+            run.append_jsonl(CHECKPOINT, {"kind": "probe_base", "fraction": fraction, "score": part_base})
+        _probe(run, executor, cost, probes, measured, base, emit, t0, fraction=fraction, part_base=part_base)
         fit = calibrate(errors, measured, base)
         sens.scores = estimated_scores(errors, fit, measured, base)
         for n in failed_layers:
@@ -92,6 +99,7 @@ def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: Cost
                     sens.scores.setdefault(n, {})[m] = pts
         doc = {"mode": "estimate", "estimate": {
             "errors": errors, "fit": fit, "failed_layers": sorted(failed_layers), "time_errors_s": t_errors,
+            "probe_fraction": fraction, "probe_base": part_base,
             "probes": [[n, m, r, measured[(n, m, r)]] for n, m, r in probes if (n, m, r) in measured],
         }}
     for ms in sens.scores.values():
@@ -104,16 +112,35 @@ def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: Cost
     return sens
 
 
+def _part_base(executor: BaseExecutor, fraction: float, base: float) -> float:
+    """The original's score on the ``fraction`` of the held-out split the calibration probes score (the whole
+    score when the task cannot score a part: the probes are then scored whole too)."""
+    res = run_one(executor, "zero_shot", {"plan": {"layers": {}}, "fraction": fraction})
+    score = res.get("score")
+    if score is None or not math.isfinite(score):
+        logger.warning("sensitivity: scoring the original on %.0f%% of the held-out split failed (%s); probes are "
+                       "compared with the whole score", 100 * fraction, res.get("error"))
+        return base
+    return float(score)
+
+
 def _probe(run: RunDir, executor: BaseExecutor, cost: CostModel, jobs: list[tuple[str, str, float]],
-           measured: dict[tuple[str, str, float], float], base: float, emit: Progress, t0: float) -> None:
-    """Score each layer alone at each (method, ρ) of ``jobs`` not yet in ``measured``; checkpointed per result."""
+           measured: dict[tuple[str, str, float], float], base: float, emit: Progress, t0: float,
+           fraction: float = 1.0, part_base: Optional[float] = None) -> None:
+    """Score each layer alone at each (method, ρ) of ``jobs`` not yet in ``measured``; checkpointed per result.
+
+    ``fraction`` < 1: each probe is scored on that part of the held-out split and its drop from
+    ``part_base`` (the original's score on the same part) is taken off ``base``."""
     pending = [j for j in dict.fromkeys(jobs) if j not in measured]
     total, done_n = len(set(jobs)), len(set(jobs)) - len(pending)
     inflight = 0
     while pending or inflight:
         while pending and inflight < max(1, executor.concurrency):
             name, m, r = pending.pop(0)
-            executor.submit(("probe", name, m, r), "zero_shot", {"plan": to_plan({name: (m, r)}, cost).to_dict()})
+            payload: dict = {"plan": to_plan({name: (m, r)}, cost).to_dict()}
+            if fraction < 1.0:
+                payload["fraction"] = fraction
+            executor.submit(("probe", name, m, r), "zero_shot", payload)
             inflight += 1
         for (_, name, m, r), res in executor.wait():
             inflight -= 1
@@ -122,8 +149,11 @@ def _probe(run: RunDir, executor: BaseExecutor, cost: CostModel, jobs: list[tupl
             if score is None or not math.isfinite(score):
                 logger.warning("sensitivity of %s with %s at rho=%g failed: %s", name, m, r, res.get("error"))
                 score = base - 1.0
+            elif fraction < 1.0 and part_base is not None:
+                score = base - (part_base - score)
             measured[(name, m, r)] = float(score)
-            run.append_jsonl(CHECKPOINT, {"kind": "probe", "layer": name, "method": m, "rho": r, "score": float(score)})
+            rec = {"kind": "probe", "layer": name, "method": m, "rho": r, "score": float(score)}
+            run.append_jsonl(CHECKPOINT, {**rec, "fraction": fraction} if fraction < 1.0 else rec)
             emit({"phase": "sensitivity", "done": done_n, "total": total, "elapsed_s": time.perf_counter() - t0})
         if inflight and not executor.has_results():
             time.sleep(0.001)

@@ -13,13 +13,17 @@ A task owns the data. The search calls, in this order:
    ``evaluate`` again.
 
 ``evaluate`` must not change the model's weights; ``finetune`` trains the model in
-place and returns it. Both run on ``task.device``. A task that returns something
+place and returns it. A task may also accept ``evaluate(model, fraction=f)``: the
+score on the first ``ceil(f · n)`` of its ``n`` held-out batches (the built-in tasks
+do; the sensitivity estimate's calibration probes use it, :func:`supports_fraction`). Both run on ``task.device``. A task that returns something
 other than a finite float is reported as an error in that trial, not a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
 
@@ -29,7 +33,7 @@ from torch import nn
 from autorank.batches import call, to_device  # noqa: F401 - the tasks' batch helpers, imported from here by user tasks
 from autorank.errors import TaskError
 
-__all__ = ["Task", "BaseTask"]
+__all__ = ["Task", "BaseTask", "supports_fraction", "held_out_part"]
 
 #: the methods every task provides (``load_task`` names the missing ones)
 TASK_METHODS = ("setup", "example_inputs", "calibration_inputs", "evaluate", "finetune")
@@ -84,6 +88,22 @@ class BaseTask:
     def fingerprint(self) -> dict:
         """What identifies this task in a run directory's settings (resume refuses a different one)."""
         return {"task": type(self).__module__ + "." + type(self).__qualname__, "name": self.name, "metric": self.metric}
+
+
+def supports_fraction(task: Any) -> bool:
+    """Whether ``task.evaluate`` takes ``fraction`` (a score on part of the held-out split)."""
+    try:
+        return "fraction" in inspect.signature(task.evaluate).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def held_out_part(n: int, fraction: float, what: str = "evaluate") -> int:
+    """How many of ``n`` held-out batches ``fraction`` scores: ``ceil(fraction · n)``, at least 1."""
+    f = float(fraction)
+    if not 0.0 < f <= 1.0:
+        raise TaskError(f"{what}: fraction must be in (0, 1], got {fraction!r}")
+    return max(1, min(n, math.ceil(f * n - 1e-9)))
 
 
 def seeded_generator(seed: int) -> torch.Generator:

@@ -17,6 +17,7 @@ from autorank.tasks.base import (
     OptimizerSpec,
     call,
     check_finite,
+    held_out_part,
     make_optimizer,
     make_schedule,
     primary_output,
@@ -173,8 +174,20 @@ class ClassificationTask(BaseTask):
             )
         return logits
 
-    def evaluate(self, model: nn.Module) -> float:
-        """Top-1 accuracy on the validation loader; weights and train/eval mode unchanged."""
+    def evaluate(self, model: nn.Module, *, fraction: float = 1.0) -> float:
+        """Top-1 accuracy on the validation loader; weights and train/eval mode unchanged.
+
+        ``fraction``: on the first ``ceil(fraction · n)`` of its ``n`` batches (a loader
+        without a length is scored whole)."""
+        limit = self.max_eval_batches
+        if fraction != 1.0:
+            try:
+                n = len(self.val_loader)  # type: ignore[arg-type]
+            except TypeError:
+                n = None
+            if n:
+                n = n if limit is None else min(n, limit)
+                limit = held_out_part(n, fraction, f"{self.name}: evaluate")
         model.to(self.device)
         was_training = model.training
         model.eval()
@@ -182,7 +195,7 @@ class ClassificationTask(BaseTask):
         try:
             with torch.no_grad():
                 for i, batch in enumerate(self.val_loader):
-                    if self.max_eval_batches is not None and i >= self.max_eval_batches:
+                    if limit is not None and i >= limit:
                         break
                     x, y = split_labelled(batch, f"{self.name}: validation loader")
                     x, y = to_device(x, self.device), y.to(self.device)

@@ -25,6 +25,7 @@ from autorank.tasks.base import (
     OptimizerSpec,
     call,
     check_finite,
+    held_out_part,
     make_optimizer,
     make_schedule,
     primary_output,
@@ -243,9 +244,12 @@ class FidelityTask(BaseTask):
         return self._reference
 
     # ------------------------------------------------------------------ scoring
-    def evaluate(self, model: nn.Module) -> float:
-        """Mean cosine similarity (or top-1 agreement) with the original's held-out outputs."""
+    def evaluate(self, model: nn.Module, *, fraction: float = 1.0) -> float:
+        """Mean cosine similarity (or top-1 agreement) with the original's held-out outputs
+        (``fraction``: on the first ``ceil(fraction · n)`` of the ``n`` held-out batches)."""
         reference = self._require_setup()
+        if fraction != 1.0:
+            reference = reference[: held_out_part(len(reference), fraction, f"{self.name}: evaluate")]
         model.to(self.device)
         was_training = model.training
         model.eval()

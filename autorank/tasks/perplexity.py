@@ -53,7 +53,7 @@ from torch import nn
 from autorank.errors import AutorankError, TaskError
 from autorank.hf import is_hf_spec, load_tokenizer
 from autorank.methods._layers import Decomposed
-from autorank.tasks.base import BaseTask, OptimizerSpec, make_schedule, primary_output, seeded
+from autorank.tasks.base import BaseTask, OptimizerSpec, held_out_part, make_schedule, primary_output, seeded
 
 logger = logging.getLogger("autorank")
 
@@ -236,13 +236,16 @@ class PerplexityTask(BaseTask):
             )
         return out
 
-    def _score(self, model: nn.Module, what: str) -> float:
+    def _score(self, model: nn.Module, what: str, fraction: float = 1.0) -> float:
+        batches = self._batches(self.held_out)
+        if fraction != 1.0:
+            batches = batches[: held_out_part(len(batches), fraction, f"{self.name}: evaluate")]
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
         try:
             with torch.no_grad():
-                for i, batch in enumerate(self._batches(self.held_out)):
+                for i, batch in enumerate(batches):
                     ids = batch.to(self.device)
                     logits = self._logits(model, ids, f"{what} on held-out batch {i}")
                     pred = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -258,10 +261,11 @@ class PerplexityTask(BaseTask):
             raise TaskError(f"{self.name}: the cross-entropy of {what} on the held-out windows is {total}")
         return -total / count
 
-    def evaluate(self, model: nn.Module) -> float:
-        """−log perplexity on the held-out windows (higher is better; the model's weights are not changed)."""
+    def evaluate(self, model: nn.Module, *, fraction: float = 1.0) -> float:
+        """−log perplexity on the held-out windows (higher is better; the model's weights are not changed);
+        ``fraction``: on the first ``ceil(fraction · n)`` of the ``n`` held-out batches."""
         _to(model, self.device)
-        return self._score(model, "the model")
+        return self._score(model, "the model", fraction)
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self, model: nn.Module, steps: int, *, seed: int = 0) -> nn.Module:
