@@ -92,6 +92,33 @@ def test_unweighted_svd_error_is_the_whitened_tail_of_singular_values():
     assert errs[1] == pytest.approx(direct, rel=1e-3)
 
 
+def test_svd_errors_from_the_whitened_tail_equal_the_weighted_error_of_each_truncation():
+    """The closed form (every rank from the cached singular values) gives what the product of the truncated
+    factors gives, with output-channel weights and groups; a Gram other than the factorization's is not taken."""
+    from autorank.search.sensitivity import _dense_weight, _weighted_energy, _whitened_svd_tail
+
+    g = torch.Generator().manual_seed(5)
+    for layer, x in ((nn.Linear(24, 16), torch.randn(300, 24, generator=g) @ torch.randn(24, 24, generator=g)),
+                     (nn.Conv2d(8, 12, 3, padding=1, groups=2), torch.randn(6, 8, 9, 9, generator=g))):
+        cal = collect(layer, [x])
+        st = cal.stats[""]
+        spec = layer_spec(layer)
+        weights = torch.rand(spec.out_channels, generator=g) + 0.1
+        stats = LayerStatistics(st.gram, weights, 3.0)
+        ranks = [1, 2, 4, 7, 11]
+        errs = layer_errors(layer, "svd", ranks, stats, cache=FactorCache(), method_stats=st)
+        f = registry.get("svd").factorize(layer, st)
+        assert _whitened_svd_tail(f, stats, st) is not None
+        w = _dense_weight(layer, spec)
+        want = []
+        for r in ranks:
+            dw = w - f.tensors["left"][:, :, :r].double() @ f.tensors["right"][:, :r, :].double()
+            want.append(_weighted_energy(dw, st.gram.double(), weights) / 3.0)
+        assert errs == pytest.approx(want, rel=2e-3, abs=1e-6 * max(want)), (errs, want)
+        other = LayerStatistics(st.gram * 2, weights, 3.0)
+        assert _whitened_svd_tail(f, other, st) is None  # the estimate's Gram is not the one the factors were whitened by
+
+
 def test_output_weights_are_the_jacobian_column_energies():
     """For y = B·(A x), the gradient energy of layer A's outputs under random projections is diag(BᵀB)."""
     torch.manual_seed(0)

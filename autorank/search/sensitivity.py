@@ -243,6 +243,30 @@ def _replacement_weight(m, spec: LayerSpec, module: nn.Module, factors, rank) ->
     return effective_weight(spec, m.build(module, factors, rank, {}))
 
 
+def _whitened_svd_tail(factors, stats: LayerStatistics, method_stats: Optional[LayerStats]) -> Optional[torch.Tensor]:
+    """For a data-aware SVD whitened by the estimate's own Gram matrix: ``tail[g, r]`` = the weighted output
+    error energy of keeping rank ``r`` of group ``g``, else None.
+
+    With ``M S = U Σ Vᵀ`` (``S Sᵀ = G``) the truncation error is ``ΔW = Σ_{i≥r} u_i σ_i v_iᵀ S⁻¹``, so
+    ``ΔW G ΔWᵀ = Σ_{i≥r} σ_i² u_i u_iᵀ`` and ``Σ_o w_o [ΔW G ΔWᵀ]_oo = Σ_{i≥r} σ_i Σ_o w_o left_oi²`` (the
+    cached ``left = U Σ^½``): every rank from one pass over the factors, no product per rank."""
+    if factors is None or "s" not in factors.tensors or "left" not in factors.tensors:
+        return None
+    if not str(factors.meta.get("init", "")).startswith("data-aware cholesky") or method_stats is None:
+        return None
+    if method_stats.gram is not stats.gram and not (method_stats.gram.shape == stats.gram.shape
+                                                    and torch.equal(method_stats.gram.cpu(), stats.gram.cpu())):
+        return None
+    left, sv = factors.tensors["left"].double().cpu(), factors.tensors["s"].double().cpu()  # (g, out, k), (g, k)
+    sq = left * left
+    if stats.weights is not None:
+        w = stats.weights.double().cpu().reshape(left.shape[0], left.shape[1], 1)
+        sq = sq * w
+    per = sv * sq.sum(1)  # (g, k)
+    tail = per.flip(-1).cumsum(-1).flip(-1)  # tail[:, r] = Σ_{i≥r}
+    return torch.cat([tail, torch.zeros(tail.shape[0], 1, dtype=tail.dtype)], dim=1)
+
+
 def layer_errors(
     module: nn.Module,
     method: str,
@@ -264,7 +288,7 @@ def layer_errors(
     gram = stats.gram.to(torch.float64)
     denom = stats.output_energy if stats.weights is not None else max(_weighted_energy(w, gram, None), 1e-300)
     out: list[Optional[float]] = []
-    factors = None
+    factors = tail = None
     seen: dict[Any, Optional[float]] = {}
     for rank in ranks:
         rank = tuple(rank) if isinstance(rank, list) else rank
@@ -274,8 +298,12 @@ def layer_errors(
         try:
             if factors is None or not m.is_nested({}):
                 factors = cache.get(m, module, method_stats if m.data_aware else None, rank, {})
-            dw = w - _replacement_weight(m, spec, module, factors, rank)
-            out.append(_weighted_energy(dw, gram, stats.weights) / denom)
+                tail = _whitened_svd_tail(factors, stats, method_stats) if m.name == "svd" else None
+            if tail is not None and isinstance(rank, int) and 0 <= rank < tail.shape[1]:
+                out.append(float(tail[:, rank].clamp_min(0).sum()) / denom)
+            else:
+                dw = w - _replacement_weight(m, spec, module, factors, rank)
+                out.append(_weighted_energy(dw, gram, stats.weights) / denom)
         except Exception as exc:  # a rank the method refuses (memory, convergence): no estimate there
             logger.info("sensitivity estimate: %s at rank %s: %s", method, rank, exc)
             out.append(None)
