@@ -30,10 +30,15 @@ class DigitsCNN(nn.Module):
     time (with ``width=32, upsample=1``, 3 MFLOPs, the overhead dominates and a
     factorized model, with more operators, runs slower than the original).
 
-    ``latency_threads = 1``: at batch 1 this model runs fastest on one CPU thread
-    (1.4 ms against 2.4 ms on two threads of a 2-core machine: each batch norm goes
-    from 21 to 111 µs, the small convolutions wait for the second thread), so a
-    latency budget measures it as it would be deployed (``--threads`` overrides it).
+    ``latency_threads = 1``: the demo is served at batch 1 on one CPU thread, and a
+    latency budget measures it so (``--threads`` overrides it). Measured on a 2-core
+    machine: 1.55 ms on one thread, 1.2 ms on two with OpenMP's default wait policy
+    (2.6 ms with ``OMP_WAIT_POLICY=PASSIVE``, where every batch norm waits for a
+    sleeping thread). On two threads the operators a factorization cannot remove
+    (the first convolution, batch norms, activations, pooling, the classifier) are
+    about half the latency, so ``--budget 50%latency --threads 2`` is out of reach
+    (the cheapest plan: 47% estimated, before the estimate's reserve); on one thread
+    the convolutions dominate and the same budget gives a 3.1x faster model.
     """
 
     #: the CPU threads this model is deployed with (see autorank.search.latency.declared_threads)

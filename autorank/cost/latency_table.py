@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from autorank import methods as registry
-from autorank.cost.timing import LatencyError, Timing, device_name, measure, resolve_device
+from autorank.cost.timing import LatencyError, Timing, device_name, measure, omp_wait_policy, resolve_device
 from autorank.methods._base import Rank
 from autorank.methods._layers import LayerSpec, layer_kind, layer_spec
 
@@ -169,7 +169,8 @@ class LatencyTable:
 
     The file is ``<directory>/<device>-<dtype>-t<threads>-b<batch>-<hash>.json``,
     where the hash is the *validity key*: (device name, torch version, dtype,
-    threads, batch size, clock). Change any of these and a fresh table (another
+    threads, batch size, clock, and on a CPU the OpenMP wait policy,
+    :func:`autorank.cost.timing.omp_wait_policy`). Change any of these and a fresh table (another
     file) is used. Entries: ``layer signature | method | rank`` (``dense`` for the
     original layer) → timing; the whole models measured (``model:…``) are kept
     under ``models``. Writes are atomic (temporary file + ``os.replace``) and
@@ -230,6 +231,8 @@ class LatencyTable:
             "batch_size": self.batch_size,
             "clock": self.clock,
         }
+        if not self.device_name.startswith("cuda"):  # CPU threads wait for work as OMP_WAIT_POLICY says: part of the latency
+            self.validity["omp_wait_policy"] = omp_wait_policy()
         self.key = hashlib.blake2b(json.dumps(self.validity, sort_keys=True).encode(), digest_size=8).hexdigest()
         self.path = self.directory / (
             f"{_slug(self.device_name)}-{self.validity['dtype']}-t{self.threads}-b{self.batch_size}"

@@ -80,11 +80,10 @@ class LatencyTableMismatch(LatencyError):
 def declared_threads(*owners: Any) -> Optional[int]:
     """The CPU thread count a task or model says it is deployed with (its ``latency_threads``), or None.
 
-    A model that runs fastest on fewer threads than the machine has declares it, so
-    that a latency budget is measured as it would be deployed: the built-in demo
-    (48 MFLOPs at batch 1) runs in 1.4 ms on one thread of a 2-core machine and in
-    2.4 ms on two, where every batch norm and small convolution waits for the second
-    thread (`autorank.models.DigitsCNN`). ``--threads`` always overrides it.
+    A model deployed on fewer threads than the machine has declares it, so that a
+    latency budget is measured as it would be deployed: the built-in demo (48 MFLOPs
+    at batch 1) is served on one thread (`autorank.models.DigitsCNN`). ``--threads``
+    always overrides it.
     """
     for owner in owners:
         n = getattr(owner, "latency_threads", None)
