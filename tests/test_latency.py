@@ -25,7 +25,7 @@ from autorank import Plan
 from autorank.cost.latency import align_plan, build_table, estimate_latency
 from autorank.cost.latency_table import LatencyTable, layer_signature, model_signature
 from autorank.cost.profile import profile_model
-from autorank.cost.timing import DeviceError, LatencyError, Timing, device_name, measure
+from autorank.cost.timing import DeviceError, LatencyError, Timing, device_name, measure, omp_wait_policy
 from autorank.errors import AutorankError, RankError
 from autorank.methods._base import align_rank
 from autorank.methods._base import align_rank as autorank_align
@@ -153,7 +153,7 @@ def test_table_round_trip_and_reuse_in_process(table_dir):
     assert data["measured_on"]["device_name"] == device_name("cpu")
     assert data["validity"] == {
         "device_name": device_name("cpu"), "torch": torch.__version__, "dtype": "float32",
-        "threads": 1, "batch_size": 4, "clock": "wall",
+        "threads": 1, "batch_size": 4, "clock": "wall", "omp_wait_policy": omp_wait_policy(),
     }
     t2 = _table(table_dir)
     assert t2.path == t1.path and len(t2) == 2
@@ -276,6 +276,25 @@ def test_corrupt_table_file_is_ignored_with_a_warning(table_dir, caplog, content
     assert any(str(path) in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     table.measure_layer(layer, (4, 16))  # and it is rewritten, valid
     assert _table(table_dir).get(layer, (4, 16)) is not None
+
+
+def test_cpu_tables_are_kept_apart_by_the_openmp_wait_policy(table_dir, monkeypatch):
+    """A table measured with OMP_WAIT_POLICY=PASSIVE (threads sleep between operators: the demo on two threads
+    ran 2.6 ms against 1.2 ms by default) is another file than one measured without it; a table read back
+    keeps the policy it was measured under; CUDA tables do not depend on it."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    passive = _table(table_dir)
+    passive.measure_layer(nn.Linear(16, 8), (4, 16))
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    default = _table(table_dir)
+    assert passive.validity["omp_wait_policy"] == "PASSIVE" and default.validity["omp_wait_policy"] == "DEFAULT"
+    assert passive.path != default.path and len(default) == 0
+    back = LatencyTable.open(passive.path)
+    assert back.validity == passive.validity and len(back) == 1
+    cuda = LatencyTable(table_dir, device="cpu", device_name_override="cuda: NVIDIA H200", batch_size=4, threads=1)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    assert "omp_wait_policy" not in cuda.validity
+    assert LatencyTable(table_dir, device="cpu", device_name_override="cuda: NVIDIA H200", batch_size=4, threads=1).key == cuda.key
 
 
 def test_table_file_with_foreign_validity_is_ignored(table_dir, caplog):

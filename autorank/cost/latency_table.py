@@ -196,11 +196,14 @@ class LatencyTable:
         torch_version: Optional[str] = None,
         statistic: str = "median",
         max_time: Optional[float] = None,
+        wait_policy: Optional[str] = None,
     ) -> None:
         """``device_name_override`` and ``torch_version`` name a configuration other than this
         machine's, to read a table measured elsewhere (see :meth:`open`); such a table cannot be
         added to here. ``statistic``: what :meth:`get` returns of each entry's timing, ``median``
-        or ``min`` (every entry keeps both: it is a reading, not part of the validity key)."""
+        or ``min`` (every entry keeps both: it is a reading, not part of the validity key).
+        ``wait_policy``: the OpenMP wait policy of a CPU table measured elsewhere (default: this
+        process's; ``""``: a table that recorded none)."""
         if statistic not in STATISTICS:
             raise LatencyError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
         self.statistic = statistic
@@ -231,8 +234,9 @@ class LatencyTable:
             "batch_size": self.batch_size,
             "clock": self.clock,
         }
-        if not self.device_name.startswith("cuda"):  # CPU threads wait for work as OMP_WAIT_POLICY says: part of the latency
-            self.validity["omp_wait_policy"] = omp_wait_policy()
+        policy = omp_wait_policy() if wait_policy is None else str(wait_policy)
+        if policy and not self.device_name.startswith("cuda"):  # CPU threads wait as OMP_WAIT_POLICY says: part of the latency
+            self.validity["omp_wait_policy"] = policy
         self.key = hashlib.blake2b(json.dumps(self.validity, sort_keys=True).encode(), digest_size=8).hexdigest()
         self.path = self.directory / (
             f"{_slug(self.device_name)}-{self.validity['dtype']}-t{self.threads}-b{self.batch_size}"
@@ -273,6 +277,7 @@ class LatencyTable:
                 directory, device=str((data.get("measured_on") or {}).get("device", "cpu")), dtype=v["dtype"],
                 threads=int(v["threads"]), batch_size=int(v["batch_size"]), clock=v.get("clock", "wall"),
                 device_name_override=str(v["device_name"]), torch_version=str(v["torch"]), statistic=statistic,
+                wait_policy=str(v.get("omp_wait_policy", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LatencyError(f"{where}: malformed validity key {dict(v)!r}: {exc}") from None
