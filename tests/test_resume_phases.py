@@ -130,7 +130,7 @@ def test_estimate_errors_killed_midway_are_not_recomputed(tmp_path):
     _kill_when(tmp_path, out, lambda: sum(r.get("kind") == "errors" for r in _lines(out)) >= 2, mode="estimate", slow_errors=0.3)
     before = {r["layer"]: r["errors"] for r in _lines(out) if r.get("kind") == "errors"}
     assert 2 <= len(before) < 5 and not any(r.get("kind") == "probe" for r in _lines(out))
-    res, ex = _resume(out, trials=3, finetune=0)
+    res, ex = _resume(out, trials=3, finetune=0, sensitivity_mode="estimate")
     estimated_after = [p["layers"][0]["name"] for k, p in ex.jobs if k == "estimate"]
     assert not set(estimated_after) & set(before), "a layer estimated before the kill was estimated again"
     assert len(set(estimated_after)) + len(before) == 5
@@ -157,7 +157,7 @@ def test_finetuning_killed_midway_keeps_what_finished(tmp_path):
     recs = {n: json.loads((out / "trials" / f"{n:06d}.json").read_text()) for n in plan["trials"]}
     finished = {n: r["finetune"] for n, r in recs.items() if r.get("finetune") is not None}
     assert 1 <= len(finished) < 3
-    res, ex = _resume(out, trials=6, finetune=3)
+    res, ex = _resume(out, trials=6, finetune=3, sensitivity_mode="estimate")
     tuned_after = [p["metadata"]["trial"] for k, p in ex.jobs if k == "finetune"]
     assert sorted(tuned_after) == sorted(set(plan["trials"]) - set(finished))  # only what had not finished
     assert not [p for k, p in ex.jobs if k in ("zero_shot", "estimate")]  # trials and table: nothing redone

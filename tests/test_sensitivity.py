@@ -184,7 +184,7 @@ def test_estimate_ranks_layers_like_the_full_table_with_far_fewer_evaluations(tm
     """On the toy CNN: the estimated table orders (layer, ρ) drops as the measured one does, from fewer evaluations."""
     kw = dict(budget="30%flops", trials=4, finetune=0, measure_latency=False, sensitivity_points=4)
     full = search(toy_cnn(), toy_task(), out=tmp_path / "full", sensitivity_mode="full", **kw)
-    est = search(toy_cnn(), toy_task(), out=tmp_path / "est", **kw)
+    est = search(toy_cnn(), toy_task(), out=tmp_path / "est", sensitivity_mode="estimate", **kw)
     f = json.loads((full.run_dir / "sensitivity.json").read_text())
     e = json.loads((est.run_dir / "sensitivity.json").read_text())
     assert f["mode"] == "full" and e["mode"] == "estimate"
@@ -227,7 +227,8 @@ def test_calibration_probes_score_half_the_held_out_split_against_the_original_o
     the original's score on that half, taken off the whole score; the trials are scored whole. A task that
     cannot score a part has its probes scored whole."""
     task = _HalfScoringToy()
-    res = search(toy_cnn(), task, budget="30%flops", trials=3, finetune=0, measure_latency=False, out=tmp_path / "r")
+    res = search(toy_cnn(), task, budget="30%flops", trials=3, finetune=0, measure_latency=False, out=tmp_path / "r",
+                 sensitivity_mode="estimate")
     doc = json.loads((res.run_dir / "sensitivity.json").read_text())
     est = doc["estimate"]
     halves = [s for f, s in task.calls if f == 0.5]
@@ -236,9 +237,40 @@ def test_calibration_probes_score_half_the_held_out_split_against_the_original_o
     assert len(probes) == len(halves) - 1 >= 3
     assert probes == pytest.approx(sorted(doc["base"] - (halves[0] - h) for h in halves[1:]))
     assert sum(f == 1.0 for f, _ in task.calls) >= 1 + 3  # the original and the trials, scored whole
-    whole = search(toy_cnn(), toy_task(), budget="30%flops", trials=2, finetune=0, measure_latency=False, out=tmp_path / "w")
+    whole = search(toy_cnn(), toy_task(), budget="30%flops", trials=2, finetune=0, measure_latency=False, out=tmp_path / "w",
+                   sensitivity_mode="estimate")
     est = json.loads((whole.run_dir / "sensitivity.json").read_text())["estimate"]
     assert est["probe_base"] == pytest.approx(json.loads((whole.run_dir / "sensitivity.json").read_text())["base"])
+
+
+def test_auto_measures_the_full_table_when_its_evaluations_are_cheap_and_keeps_its_choice_on_resume(tmp_path, monkeypatch):
+    """auto: the full table when the original's evaluation time × the full table's probes is at most
+    AUTO_FULL_SECONDS, else the estimate; the choice is checkpointed and a resumed run keeps it."""
+    sens_mod = importlib.import_module("autorank.search.sensitivity")
+    kw = dict(budget="30%flops", trials=2, finetune=0, measure_latency=False, sensitivity_points=2)
+    cheap = search(toy_cnn(), toy_task(), out=tmp_path / "cheap", **kw)
+    doc = json.loads((cheap.run_dir / "sensitivity.json").read_text())
+    assert doc["mode"] == "full" and doc["auto"]["mode"] == "full"
+    n = doc["auto"]["full_evaluations"]
+    assert n == sum(len(p) for ms in doc["scores"].values() for p in ms.values())
+    assert doc["auto"]["full_seconds"] == pytest.approx(doc["auto"]["evaluate_s"] * n)
+    monkeypatch.setattr(sens_mod, "AUTO_FULL_SECONDS", 0.0)
+    dear = search(toy_cnn(), toy_task(), out=tmp_path / "dear", **kw)
+    doc = json.loads((dear.run_dir / "sensitivity.json").read_text())
+    assert doc["mode"] == "estimate" and doc["auto"]["mode"] == "estimate" and "estimate" in doc
+    # the choice recorded in the checkpoint wins over a threshold that changed meanwhile
+    from autorank.search.rundir import RunDir
+    from autorank.search.warm_start import CHECKPOINT, resolve_mode
+
+    class _One:
+        concurrency = 1
+
+    rd = RunDir(tmp_path / "resumed")
+    rd.path.mkdir()
+    rd.append_jsonl(CHECKPOINT, {"kind": "mode", "mode": "estimate", "full_evaluations": n})
+    monkeypatch.setattr(sens_mod, "AUTO_FULL_SECONDS", 1e9)  # would choose the full table now
+    assert resolve_mode(rd, _One(), {}, 2, 0.001)[0] == "estimate"
+    assert resolve_mode(RunDir(tmp_path / "fresh"), _One(), {}, 2, 0.001)[0] == "full"
 
 
 def test_a_bad_sensitivity_mode_is_refused(tmp_path):
@@ -261,19 +293,21 @@ def test_model_without_differentiable_output_falls_back_to_unweighted_errors():
 
 
 def test_the_command_line_chooses_the_table(tmp_path, capsys, monkeypatch):
-    """`autorank search --sensitivity full` measures every probe; the default estimates; a bad value is refused."""
+    """`autorank search --sensitivity full` measures every probe, `estimate` estimates, the default (auto) measures
+    a table whose evaluations are cheap; a bad value is refused."""
     from tests.test_cli_search import run_inproc
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     common = ("search", "--model", "tests.search_toys:toy_cnn", "--task", "tests.search_toys:toy_task", "--budget", "30%flops",
               "--trials", "3", "--finetune", "0", "--sensitivity-points", "2", "-q")
-    for mode in ("full", None):
+    for mode in ("full", "estimate", None):
         out = tmp_path / (mode or "default")
         args = common + ("--out", str(out)) + (("--sensitivity", mode) if mode else ())
         p = run_inproc(*args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
         assert p.returncode == 0, p.stderr[-2000:]
         table = json.loads((out / "sensitivity.json").read_text())
-        assert table["mode"] == (mode or "estimate")
-        assert json.loads((out / "settings.json").read_text())["sensitivity"] == (mode or "estimate")
+        # the default, auto: the toy's full table costs well under a second of evaluation, so it is measured
+        assert table["mode"] == (mode or "full") and (mode is not None or table["auto"]["full_seconds"] < 30)
+        assert json.loads((out / "settings.json").read_text())["sensitivity"] == (mode or "auto")
     bad = run_inproc(*common, "--out", str(tmp_path / "bad"), "--sensitivity", "exact", cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
     assert bad.returncode == 2 and "invalid choice: 'exact'" in bad.stderr

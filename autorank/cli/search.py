@@ -412,9 +412,10 @@ def add_commands(sub) -> None:
     s.add_argument("--seq-len", type=int, metavar="N", help="with --task perplexity:FILE: tokens per window (default 128)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--sensitivity", default="estimate", choices=("estimate", "full"),
-                   help="layer sensitivity table: estimate (default: layer output errors from one pass over the calibration "
-                        "batches, calibrated by a few evaluations) or full (every probe evaluated)")
+    s.add_argument("--sensitivity", default="auto", choices=("auto", "estimate", "full"),
+                   help="layer sensitivity table: estimate (layer output errors from one pass over the calibration "
+                        "batches, calibrated by a few evaluations), full (every probe evaluated) or auto (default: full "
+                        "where its evaluations would take at most 30 s, else estimate)")
     s.add_argument("--device", metavar="DEV", help="where latency is measured (budget, table, front): cpu, cuda, cuda:N "
                                                    "(default: the task's device); on Ray, a node with it")
     s.add_argument("--batch-size", type=int, metavar="B", help="batch size of every latency measurement (default 1)")

@@ -64,8 +64,14 @@ __all__ = [
     "estimated_scores", "layer_role", "spearman", "SENSITIVITY_MODES",
 ]
 
-#: how the sensitivity table is obtained: every probe evaluated, or estimated and calibrated
-SENSITIVITY_MODES = ("estimate", "full")
+#: how the sensitivity table is obtained: every probe evaluated (``full``), estimated and calibrated
+#: (``estimate``), or ``auto``: the full table where its evaluations are cheap, else the estimate
+SENSITIVITY_MODES = ("auto", "estimate", "full")
+#: ``auto`` takes the full table when its evaluations would take at most this long (seconds of evaluation,
+#: the original's evaluation time × the full table's probes / the concurrent workers): the estimate only
+#: saves evaluations, and where they cost little the measured table is the better one (the digits demo:
+#: 92 probes of 0.1 s, hypervolume 0.200 against the estimate's 0.180 at equal trials)
+AUTO_FULL_SECONDS = 30.0
 
 
 @dataclass

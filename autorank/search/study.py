@@ -98,7 +98,7 @@ def search(
     measure_latency: bool = True,
     sensitivity: Union[Sensitivity, str, Path, None] = None,
     local_every: int = 3,
-    sensitivity_mode: str = "estimate",
+    sensitivity_mode: str = "auto",
     device: Optional[str] = None,
     batch_size: Optional[int] = None,
     threads: Optional[int] = None,
@@ -128,9 +128,11 @@ def search(
     ``sensitivity.json`` of an earlier run of the same model and task) instead of
     measuring it. ``local_every``: after this many sampler trials, one local move
     around the best plan so far (0: none; only with ``warm_start``).
-    ``sensitivity_mode``: ``estimate`` (default: layer output errors from one pass
+    ``sensitivity_mode``: ``estimate`` (layer output errors from one pass
     over the calibration batches, calibrated by a few evaluations; see
-    :mod:`autorank.search.sensitivity`) or ``full`` (every probe evaluated).
+    :mod:`autorank.search.sensitivity`), ``full`` (every probe evaluated) or
+    ``auto`` (default: ``full`` where its evaluations would take at most
+    ``sensitivity.AUTO_FULL_SECONDS``, judged by the original's evaluation time, else ``estimate``).
     ``device``, ``batch_size``, ``threads``: the target latency is measured on
     (a latency budget's table, the front's re-measurement); default the task's
     device, batch 1 and the target machine's default threads. With a Ray
@@ -263,6 +265,8 @@ def search(
             write_latency_files(run, latency_files)
             if saved_base is None:
                 run.write_json("baseline.json", {"score": base["score"], "time_evaluate_s": base.get("time_evaluate_s")})
+            eval_s = base.get("time_evaluate_s")
+            eval_s = float(eval_s) if isinstance(eval_s, (int, float)) and not isinstance(eval_s, bool) and np.isfinite(eval_s) else None
             base = float(base["score"])
             storage, journal = run.storage()
             study = optuna.create_study(
@@ -279,7 +283,7 @@ def search(
                 if sensitivity is not None and run.read_json("sensitivity.json") is None:
                     run.write_json("sensitivity.json", sensitivity.to_dict())
                 sens = measure_sensitivity(run, guarded, choices, cost, base, sensitivity_points, emit,
-                                           mode=sensitivity_mode, seed=seed)
+                                           mode=sensitivity_mode, seed=seed, eval_s=eval_s)
                 if not resuming or not study.get_trials(deepcopy=False):
                     enqueue_warm_start(study, choices, cost, sens)
             penalty = penalty_fn(sens)

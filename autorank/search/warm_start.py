@@ -36,8 +36,26 @@ Progress = Callable[[dict[str, Any]], None]
 CHECKPOINT = "sensitivity.partial.jsonl"
 
 
+def resolve_mode(run: RunDir, executor: BaseExecutor, choices, points: int, eval_s: Optional[float]) -> tuple[str, dict]:
+    """``auto``'s choice for this run: ``full`` when the full table's evaluations would take at most
+    :data:`sensitivity.AUTO_FULL_SECONDS` (``eval_s``, the original's evaluation time, × its probes / the
+    executor's concurrency), else ``estimate``; made once and kept in the checkpoint (a resumed run keeps it)."""
+    for rec in run.read_jsonl(CHECKPOINT):
+        if rec.get("kind") == "mode" and rec.get("mode") in ("estimate", "full"):
+            return rec["mode"], {k: v for k, v in rec.items() if k != "kind"}
+    n_full = sum(len(probe_rhos(ch.rhos_for(m), points)) for ch in choices.values() for m in ch.methods if m != "none")
+    seconds = None if eval_s is None else float(eval_s) * n_full / max(1, executor.concurrency)
+    mode = "full" if seconds is not None and seconds <= sensitivity.AUTO_FULL_SECONDS else "estimate"
+    info = {"mode": mode, "full_evaluations": n_full, "evaluate_s": eval_s, "full_seconds": seconds,
+            "threshold_s": sensitivity.AUTO_FULL_SECONDS}
+    logger.info("sensitivity: %s table (the full table's %d evaluations: about %s s of evaluation, threshold %g s)",
+                mode, n_full, "?" if seconds is None else f"{seconds:.0f}", sensitivity.AUTO_FULL_SECONDS)
+    run.append_jsonl(CHECKPOINT, {"kind": "mode", **info})
+    return mode, info
+
+
 def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: CostModel, base: float, points: int,
-                        emit: Progress, mode: str = "estimate", seed: int = 0) -> Sensitivity:
+                        emit: Progress, mode: str = "auto", seed: int = 0, eval_s: Optional[float] = None) -> Sensitivity:
     """The run's sensitivity table (``sensitivity.json``, made once; checkpointed as it goes).
 
     ``mode="full"``: each layer alone at ``points`` probe ρ per method, zero-shot.
@@ -47,6 +65,8 @@ def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: Cost
     score and every layer's errors are appended to ``sensitivity.partial.jsonl``
     as they come back, so a driver killed in this phase and restarted loses only
     the jobs that were in flight; probes are shared between the two modes.
+    ``mode="auto"``: one of the two, by :func:`resolve_mode` (``eval_s``: the
+    original's evaluation time).
     """
     if mode not in SENSITIVITY_MODES:
         raise SearchError(f"sensitivity mode {mode!r}: expected one of {', '.join(SENSITIVITY_MODES)}")
@@ -54,6 +74,9 @@ def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: Cost
     if saved is not None:
         return Sensitivity.from_dict(saved)
     t0 = time.perf_counter()
+    auto = None
+    if mode == "auto":
+        mode, auto = resolve_mode(run, executor, choices, points, eval_s)
     measured: dict[tuple[str, str, float], float] = {}
     errors: dict[str, dict[str, list[tuple[float, Optional[float]]]]] = {}
     failed_layers: set[str] = set()
@@ -102,6 +125,8 @@ def measure_sensitivity(run: RunDir, executor: BaseExecutor, choices, cost: Cost
             "probe_fraction": fraction, "probe_base": part_base,
             "probes": [[n, m, r, measured[(n, m, r)]] for n, m, r in probes if (n, m, r) in measured],
         }}
+    if auto is not None:
+        doc["auto"] = auto
     for ms in sens.scores.values():
         for pts in ms.values():
             pts.sort()
