@@ -201,14 +201,23 @@ def _keys(v: Mapping, known: tuple[str, ...], where: str) -> None:
         raise RecoveryError(f"{where}: unknown key(s) {unknown}; expected some of {list(known)}")
 
 
-def _refit_options(v: Any, where: str) -> Optional[RefitOptions]:
+def _section(v: Any, where: str, shape: str, known: tuple[str, ...]) -> Union[bool, Mapping]:
+    """A ``training:`` sub-block: ``False`` (false or null: off), ``True`` (true: the defaults), or the mapping
+    given, its keys checked; anything else raises naming the expected ``shape``."""
     if v is False or v is None:
-        return None
+        return False
     if v is True:
-        return RefitOptions()
+        return True
     if not isinstance(v, Mapping):
-        raise RecoveryError(f"{where}: expected true, false or {{ridge: R, low_rank: true, batches: N}}, got {v!r}")
-    _keys(v, ("ridge", "low_rank", "batches"), where)
+        raise RecoveryError(f"{where}: expected true, false or {{{shape}}}, got {v!r}")
+    _keys(v, known, where)
+    return v
+
+
+def _refit_options(v: Any, where: str) -> Optional[RefitOptions]:
+    v = _section(v, where, "ridge: R, low_rank: true, batches: N", ("ridge", "low_rank", "batches"))
+    if isinstance(v, bool):
+        return RefitOptions() if v else None
     d = RefitOptions()
     return RefitOptions(
         ridge=_positive(v.get("ridge", d.ridge), f"{where}.ridge", allow_zero=True),
@@ -218,13 +227,9 @@ def _refit_options(v: Any, where: str) -> Optional[RefitOptions]:
 
 
 def _blockwise_options(v: Any, where: str) -> Optional[BlockwiseOptions]:
-    if v is False or v is None:
-        return None
-    if v is True:
-        return BlockwiseOptions()
-    if not isinstance(v, Mapping):
-        raise RecoveryError(f"{where}: expected true, false or {{share: S, lr: LR, trainable: decomposed, batches: N}}, got {v!r}")
-    _keys(v, ("share", "lr", "trainable", "batches"), where)
+    v = _section(v, where, "share: S, lr: LR, trainable: decomposed, batches: N", ("share", "lr", "trainable", "batches"))
+    if isinstance(v, bool):
+        return BlockwiseOptions() if v else None
     d = BlockwiseOptions()
     share = _positive(v.get("share", d.share), f"{where}.share")
     if share >= 1:
@@ -237,13 +242,9 @@ def _blockwise_options(v: Any, where: str) -> Optional[BlockwiseOptions]:
 
 
 def _distill_options(v: Any, where: str) -> Optional[DistillOptions]:
-    if v is False or v is None:
-        return DistillOptions(features=0.0)
-    if v is True:
-        return DistillOptions()
-    if not isinstance(v, Mapping):
-        raise RecoveryError(f"{where}: expected true, false or {{features: W, output: W, trainable: all, modules: REGEX}}, got {v!r}")
-    _keys(v, ("features", "output", "trainable", "modules"), where)
+    v = _section(v, where, "features: W, output: W, trainable: all, modules: REGEX", ("features", "output", "trainable", "modules"))
+    if isinstance(v, bool):
+        return DistillOptions() if v else DistillOptions(features=0.0)
     d = DistillOptions()
     trainable = v.get("trainable", d.trainable)
     if trainable not in TRAINABLE:
@@ -265,13 +266,9 @@ def _distill_options(v: Any, where: str) -> Optional[DistillOptions]:
 
 
 def _early_options(v: Any, where: str) -> Optional[EarlyStopping]:
-    if v is False or v is None:
-        return None
-    if v is True:
-        return EarlyStopping()
-    if not isinstance(v, Mapping):
-        raise RecoveryError(f"{where}: expected true, false or {{every: N, patience: P, after: F}}, got {v!r}")
-    _keys(v, ("every", "patience", "after"), where)
+    v = _section(v, where, "every: N, patience: P, after: F", ("every", "patience", "after"))
+    if isinstance(v, bool):
+        return EarlyStopping() if v else None
     d = EarlyStopping()
     after = _positive(v.get("after", d.after), f"{where}.after", allow_zero=True)
     if after > 1:
