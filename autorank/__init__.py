@@ -38,6 +38,7 @@ _LAZY = {
     "Budget": ("autorank.cost.budget", "Budget"),
     "parse_budget": ("autorank.cost.budget", "parse_budget"),
     "export_model": ("autorank.export", "export_model"),
+    "fold_batch_norms": ("autorank.bn_folding", "fold_batch_norms"),
 }
 
 
@@ -62,6 +63,7 @@ __all__ = [
     "Budget",
     "parse_budget",
     "export_model",
+    "fold_batch_norms",
     "AutorankError",
     "Calibration",
     "FactorCache",

@@ -38,6 +38,7 @@ __all__ = [
     "decomposed_modules",
     "factor_layers",
     "foldable",
+    "fold_batch_norm",
     "float_weight",
     "reset_children",
     "set_in",
@@ -88,6 +89,24 @@ FACTOR_BN = (FactorBatchNorm2d, FactorBatchNorm1d)
 def foldable(layer: nn.Module) -> bool:
     """Whether a batch norm after ``layer`` can be folded into it (a plain Conv2d or Linear)."""
     return isinstance(layer, (nn.Conv2d, nn.Linear))
+
+
+def fold_batch_norm(layer: nn.Module, bn: nn.Module) -> None:
+    """``bn(layer(x)) == layer'(x)`` in eval mode: scale ``layer``'s output channels, shift its bias (in place).
+
+    ``layer`` must be :func:`foldable`; a layer without a bias gets one. Computed in float64.
+    """
+    if not foldable(layer):
+        raise TrainingError(f"cannot fold a batch norm into a {type(layer).__name__} (only a Conv2d or Linear)")
+    w = float_weight(layer)
+    with torch.no_grad():
+        scale = bn.weight.to(torch.float64) / (bn.running_var.to(torch.float64) + bn.eps).sqrt()
+        shift = bn.bias.to(torch.float64) - bn.running_mean.to(torch.float64) * scale
+        w.copy_((w.to(torch.float64) * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(shift.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
+        else:
+            layer.bias.copy_((layer.bias.to(torch.float64) * scale + shift).to(layer.bias.dtype))
 
 
 # ---------------------------------------------------------------------- fixed-point factors

@@ -28,6 +28,7 @@ from autorank.factor_layers import (
     FactorBatchNorm2d,
     decomposed_modules,
     float_weight,
+    fold_batch_norm,
     foldable,
     reset_children,
 )
@@ -131,15 +132,7 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
         raise TrainingError(
             f"cannot fold a batch norm into a {type(layer).__name__}: fold_factor_bn() must run before freeze_fixed_point()"
         )
-    w = float_weight(layer)
-    with torch.no_grad():
-        scale = bn.weight.to(torch.float64) / (bn.running_var.to(torch.float64) + bn.eps).sqrt()
-        shift = bn.bias.to(torch.float64) - bn.running_mean.to(torch.float64) * scale
-        w.copy_((w.to(torch.float64) * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(shift.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
-        else:
-            layer.bias.copy_((layer.bias.to(torch.float64) * scale + shift).to(layer.bias.dtype))
+    fold_batch_norm(layer, bn)
 
 
 def fold_factor_bn(model: nn.Module) -> int:
