@@ -22,37 +22,46 @@ class DigitsCNN(nn.Module):
 
     The 8×8 image is first resized to ``8·upsample`` pixels a side (bilinear,
     inside the model, so callers feed the digits as they are), then four 3×3
-    convolutions (``width`` → 2·width → 2·width with stride 2 → 4·width), global
-    average pooling and two linear layers. The defaults (``width=64``,
-    ``upsample=2``: 16×16 feature maps, 48 MFLOPs per image) make the
-    convolutions, not the framework's per-operator overhead, the bulk of the
-    latency on a CPU, so that a decomposition that removes FLOPs also removes
-    time (with ``width=32, upsample=1``, 3 MFLOPs, the overhead dominates and a
-    factorized model, with more operators, runs slower than the original).
+    convolutions (``width`` → 2·width → 2·width with stride 2 → 4·width), each
+    followed by a batch norm and a ReLU, global average pooling and two linear
+    layers. ``batch_norm=False`` puts an ``nn.Identity`` where each batch norm was
+    (same layer names): the inference form, into which a trained model's batch
+    norms are folded (:func:`autorank.factor_layers.fold_batch_norm`).
+
+    The defaults (``width=96``, ``upsample=2``: 16×16 feature maps, 107 MFLOPs per
+    image) make the convolutions, not the framework's per-operator overhead, the
+    bulk of the latency on a CPU, so that a decomposition that removes FLOPs also
+    removes time, on one thread and on two. Measured on a 2-core machine (OpenMP's
+    default wait policy): the demo (inference form, width 96) takes about 3 ms on
+    one thread and 1.6 ms on two. On two threads every operator is a parallel
+    region (tens of microseconds at batch 1), so what a factorization cannot
+    remove (the first convolution, activations, pooling, the classifier) weighs
+    more: the 64-wide demo with its batch norms (1.0 ms) could not reach
+    ``--budget 50%latency --threads 2`` (cheapest plan 47% estimated + 8% reserve);
+    96 wide and folded, its cheapest plan is about 42% + 4%.
 
     ``latency_threads = 1``: the demo is served at batch 1 on one CPU thread, and a
-    latency budget measures it so (``--threads`` overrides it). Measured on a 2-core
-    machine: 1.55 ms on one thread, 1.2 ms on two with OpenMP's default wait policy
-    (2.6 ms with ``OMP_WAIT_POLICY=PASSIVE``, where every batch norm waits for a
-    sleeping thread). On two threads the operators a factorization cannot remove
-    (the first convolution, batch norms, activations, pooling, the classifier) are
-    about half the latency, so ``--budget 50%latency --threads 2`` is out of reach
-    (the cheapest plan: 47% estimated, before the estimate's reserve); on one thread
-    the convolutions dominate and the same budget gives a 3.1x faster model.
+    latency budget measures it so (``--threads`` overrides it; with
+    ``OMP_WAIT_POLICY=PASSIVE`` every operator on two threads waits for a
+    sleeping thread and two threads run slower than one).
     """
 
     #: the CPU threads this model is deployed with (see autorank.search.latency.declared_threads)
     latency_threads = 1
 
-    def __init__(self, width: int = 64, num_classes: int = 10, upsample: int = 2):
+    def __init__(self, width: int = 96, num_classes: int = 10, upsample: int = 2, batch_norm: bool = True):
         super().__init__()
         w = width
         self.upsample = int(upsample)
+
+        def norm(c: int) -> nn.Module:
+            return nn.BatchNorm2d(c) if batch_norm else nn.Identity()
+
         self.features = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
+            nn.Conv2d(1, w, 3, padding=1), norm(w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), norm(2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), norm(2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), norm(4 * w), nn.ReLU(),
         )
         self.classifier = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, 4 * w), nn.ReLU(), nn.Linear(4 * w, num_classes)
@@ -81,11 +90,13 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        # in place, as torchvision's Bottleneck: at batch 32 a new tensor per activation and per sum
+        # costs a pass over the activations each (13% and 11% of an eager forward on a CPU)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        out += x if self.downsample is None else self.downsample(x)
+        return F.relu(out, inplace=True)
 
 
 class ResNet(nn.Module):
@@ -108,7 +119,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 

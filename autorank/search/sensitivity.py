@@ -134,6 +134,9 @@ def _output_weights(model: nn.Module, inputs: Any, layers: list[str], seed: int)
     for n in layers:
         def hook(_mod, _args, out, n=n):
             outs.setdefault(n, []).append(out)
+            # the rest of the model reads a copy: an in-place op after the layer (a ReLU(inplace=True) or
+            # `out += identity` once a batch norm is folded) must not rewrite the tensor differentiated against
+            return out.clone() if isinstance(out, torch.Tensor) else None
         handles.append(named[n].register_forward_hook(hook))
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
