@@ -512,7 +512,7 @@ def test_profile_latency_job_in_a_separate_process(table_dir):
     assert first["input_shape"] == [4, 1, 8, 8] and first["base_latency_s"] > 0
     assert set(first["layers"]) == set(cands)
     layer = first["layers"]["features.3"]
-    assert layer["dense_s"] > 0 and layer["input_shape"] == [4, 64, 16, 16]  # the demo CNN: 64 channels, 16x16 maps
+    assert layer["dense_s"] > 0 and layer["input_shape"] == [4, 96, 16, 16]  # the demo CNN: 96 channels, 16x16 maps
     assert [r["method"] for r in layer["replacements"]] == ["svd", "tucker2"]
     assert all(r["latency_s"] > 0 for r in layer["replacements"])
     assert first["layers"]["classifier.2"]["replacements"][0]["rank"] == 16

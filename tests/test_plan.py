@@ -95,7 +95,7 @@ def test_save_overwrites_and_plan_of_decomposed_model_round_trips(tmp_path, mode
     assert sorted(again.layers) == ["classifier.2", "features.3"]
     assert again.layers["classifier.2"].rank == 7
     r = again.layers["features.3"].rank
-    assert isinstance(r, int) and 1 <= r < 64  # the fraction became the method's own rank
+    assert isinstance(r, int) and 1 <= r < model.features[3].in_channels  # the fraction became the method's own rank
     # the concrete plan reproduces the same model
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
@@ -262,13 +262,13 @@ def test_resolve_uses_the_real_input_shape_when_given():
 BAD_PLANS = [
     ({"features.99": {"method": "svd", "rank": 2}}, UnknownLayerError, ("'features.99'",)),
     ({"feature.3": {"method": "svd", "rank": 2}}, UnknownLayerError, ("'feature.3'", "did you mean 'features.3'")),
-    ({"features.1": {"method": "svd", "rank": 2}}, NotApplicableError, ("'features.1'", "BatchNorm2d")),
+    ({"features.1": {"method": "svd", "rank": 2}}, NotApplicableError, ("'features.1'", "Identity")),  # a folded batch norm
     ({"features.0": {"method": "nosuch", "rank": 2}}, UnknownMethodError, ("'nosuch'", "svd")),
     ({"classifier.2": {"method": "spatial-svd", "rank": 2}}, NotApplicableError, ("'classifier.2'", "spatial-svd", "Linear")),
     ({"classifier.2": {"method": "tucker2", "rank": 2}}, NotApplicableError, ("'classifier.2'", "tucker2")),
     ({"features.0": {"method": "svd", "rank": 0}}, RankError, ("'features.0'", "rank 0")),
     ({"features.0": {"method": "svd", "rank": -2}}, RankError, ("'features.0'", "-2")),
-    ({"features.0": {"method": "svd", "rank": 10}}, RankError, ("'features.0'", "10", "1..9")),  # 1 -> 64, 3x3: max 9
+    ({"features.0": {"method": "svd", "rank": 10}}, RankError, ("'features.0'", "10", "1..9")),  # 1 -> 96, 3x3: max 9
     ({"features.0": {"method": "svd", "rank": 1.5}}, RankError, ("'features.0'", "1.5")),
     ({"features.0": {"method": "svd", "rank": 0.0}}, RankError, ("'features.0'", "0.0")),
     ({"features.0": {"method": "svd", "rank": -0.5}}, RankError, ("'features.0'", "-0.5")),
@@ -277,8 +277,8 @@ BAD_PLANS = [
     ({"features.0": {"method": "svd", "rank": "lots"}}, RankError, ("'features.0'", "lots")),
     ({"features.3": {"method": "tucker2", "rank": [1, 2, 3]}}, RankError, ("'features.3'", "(1, 2, 3)")),
     ({"features.3": {"method": "tucker2", "rank": [0, 4]}}, RankError, ("'features.3'", "[0, 4]")),
-    ({"features.3": {"method": "tucker2", "rank": [65, 4]}}, RankError, ("'features.3'", "[65, 4]")),  # 64 -> 128
-    ({"features.3": {"method": "spatial-svd", "rank": 193}}, RankError, ("'features.3'", "193")),  # max min(64*3, 128*3) = 192
+    ({"features.3": {"method": "tucker2", "rank": [97, 4]}}, RankError, ("'features.3'", "[97, 4]")),  # 96 -> 192
+    ({"features.3": {"method": "spatial-svd", "rank": 289}}, RankError, ("'features.3'", "289")),  # max min(96*3, 192*3) = 288
 ]
 
 

@@ -53,7 +53,7 @@ def trained_state(cache_dir) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def trained(trained_state) -> nn.Module:
-    model = seeded(DigitsCNN)
+    model = seeded(demo_mod.demo_architecture)
     model.load_state_dict(trained_state)
     return model.eval()
 
@@ -166,7 +166,7 @@ def test_evaluate_changes_neither_weights_nor_mode(trained, digits_task, mode):
 
 
 def test_finetune_is_reproducible_and_repairs_a_damaged_model(trained, digits_task):
-    damaged = _perturbed(trained, 1.0)
+    damaged = _perturbed(trained, 0.5)  # no batch norm left to absorb the noise: the folded demo is more fragile
     acc_damaged = digits_task.evaluate(damaged)
     assert acc_damaged < 0.6, acc_damaged
     a, b, c = copy.deepcopy(damaged), copy.deepcopy(damaged), copy.deepcopy(damaged)
@@ -181,8 +181,8 @@ def test_finetune_is_reproducible_and_repairs_a_damaged_model(trained, digits_ta
     digits_task.finetune(damaged, 20, seed=0)
     acc = digits_task.evaluate(damaged)
     assert acc >= max(0.85, acc_damaged + 0.3), (acc_damaged, acc)
-    fresh = _perturbed(trained, 1.0)
-    assert digits_task.finetune(fresh, 0) is fresh and _same_state(fresh.state_dict(), _perturbed(trained, 1.0).state_dict())
+    fresh = _perturbed(trained, 0.5)
+    assert digits_task.finetune(fresh, 0) is fresh and _same_state(fresh.state_dict(), _perturbed(trained, 0.5).state_dict())
 
 
 def test_example_and_calibration_inputs(digits_task, trained):
@@ -301,7 +301,7 @@ def test_fidelity_setup_copies_the_original(trained):
     assert task.evaluate(task._teacher) == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("metric,scale,lr,steps", [("cosine", 0.5, 1e-4, 20), ("top1", 1.0, 1e-3, 20)])
+@pytest.mark.parametrize("metric,scale,lr,steps", [("cosine", 0.5, 1e-4, 20), ("top1", 0.5, 1e-4, 20)])
 def test_distillation_raises_fidelity(trained, metric, scale, lr, steps):
     task = FidelityTask(_digit_batches(), metric=metric, lr=lr)
     task.setup(trained)
