@@ -32,6 +32,10 @@ Floors (the issue's): at ``50%latency`` every front member within budget when re
 error of the estimate at most 10%; at ``30%flops`` the best member at least 1.8x faster than the original
 at batch 32 and 1.5x at batch 1, eager.
 
+``--fold-bn``: compress each model's inference form, its batch norms folded into the convolutions before
+them first (:func:`autorank.fold_batch_norms`; what the demo ships, and AIMET's first step): the original and
+every member are then timed without the batch-norm passes no factorization removes.
+
 ``--quick``: ResNet-50 at 112x112 and BERT-base at sequence length 32, batches 1 and 8, fewer trials and a
 coarser ρ grid (minutes, not the figures of record).
 
@@ -39,6 +43,7 @@ Usage::
 
     python benchmarks/bench_speedup.py [--quick] [--models resnet50,bert-base] [--batches 1,32]
         [--budgets 30%flops,50%latency] [--aligns device,8] [--threads 2] [--clock wall|cpu] [--trials N] [--device cpu]
+        [--fold-bn]
         [--json benchmarks/results/bench_speedup.json]
 """
 
@@ -60,6 +65,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from autorank.bn_folding import fold_batch_norms  # noqa: E402
 from autorank.cost.budget import BudgetError  # noqa: E402
 from autorank.cost.latency import batch_inputs, estimate_latency  # noqa: E402
 from autorank.cost.latency_table import LatencyTable  # noqa: E402
@@ -312,6 +318,8 @@ def main() -> int:
     ap.add_argument("--trials", type=int)
     ap.add_argument("--onnx-rounds", type=int, default=5)
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--fold-bn", action="store_true",
+                    help="compress the models' inference form: batch norms folded first (autorank.bn_folding), as the demo is")
     ap.add_argument("--work", help="directory for run directories and caches (default: a temporary one)")
     ap.add_argument("--json", help="write the results here (default benchmarks/results/bench_speedup[_quick].json)")
     args = ap.parse_args()
@@ -328,7 +336,7 @@ def main() -> int:
         print(msg, flush=True)
 
     meta = {"device": args.device, "device_name": device_name(args.device), "threads": args.threads, "clock": args.clock,
-            "quick": args.quick,
+            "quick": args.quick, "fold_bn": args.fold_bn,
             "trials": args.trials, "torch": torch.__version__, "loadavg_start": os.getloadavg(),
             "cpu_share_start": contention_probe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     log(f"bench_speedup: {meta['device_name']}, {args.threads} threads, load {meta['loadavg_start']}, work {work}")
@@ -340,6 +348,9 @@ def main() -> int:
         rho = [0.05, 0.1, 0.2, 0.4, 0.6] if args.quick else [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
         space = {**space, "rho": rho}
         model = load_model(spec).eval()
+        if args.fold_bn:
+            model, pairs = fold_batch_norms(model)
+            log(f"  {key}: {len(pairs)} batch norms folded")
         task = fidelity_task(spec, shape, 2 if args.quick else 4)
         for batch in batches:
             for budget in args.budgets.split(","):
