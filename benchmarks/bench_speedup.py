@@ -13,7 +13,8 @@ rounds, the fastest sample: see ``autorank.search.latency``). From each front th
 - the best member (highest score among those whose re-measured latency keeps the budget) and its measured
   speed-up over the original in PyTorch eager mode, and as ONNX under onnxruntime (both models exported at
   the batch size and timed side by side, interleaved, with ``--threads`` intra-op threads);
-- the same in eager PyTorch with every batch norm folded into the convolution before it, in both models
+- the same in eager PyTorch with every batch norm folded into the convolution before it, in both models, and
+  (for a CNN) also in channels-last memory format
   (``torch.fx.experimental.optimization.fuse``; at batch 32 on a CPU an unfolded batch norm is a pass over the
   activations as costly as the convolution it follows, and a factorization cannot remove it);
 - the fastest member's eager speed-up;
@@ -138,18 +139,24 @@ def onnx_speedup(original: torch.nn.Module, small: torch.nn.Module, x: torch.Ten
 
 
 def folded_speedup(original: torch.nn.Module, small: torch.nn.Module, x: torch.Tensor, threads: int, rounds: int,
-                   clock: str = "wall") -> dict[str, Any]:
+                   clock: str = "wall", channels_last: bool = False) -> dict[str, Any]:
     """Both models in eager PyTorch with every batch norm folded into the convolution (or linear) before it
     (``torch.fx.experimental.optimization.fuse``: what any inference deployment does; the factorizations'
-    last convolution absorbs the batch norm after it just as the dense one does), timed side by side.
+    last convolution absorbs the batch norm after it just as the dense one does), timed side by side;
+    ``channels_last``: both models' weights and the input in channels-last (NHWC) memory format as well.
 
     In eager mode a batch norm is a pass of its own over the activations, which at batch 32 on a CPU costs
     about as much as the convolution before it and is untouched by a factorization: this column measures what
-    the compression changes once that pass is gone from both models."""
+    the compression changes once that pass is gone from both models. In PyTorch's default NCHW layout a CPU
+    convolution also moves its input to the blocked layout oneDNN computes in and back, a pass a factorized
+    layer pays once per factor; channels-last avoids it."""
     from torch.fx.experimental.optimization import fuse
 
     timer = time.thread_time if clock == "cpu" else time.perf_counter
     models = {"original": fuse(original.eval()), "compressed": fuse(small.eval())}
+    if channels_last:
+        models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items()}
+        x = x.contiguous(memory_format=torch.channels_last)
     times: dict[str, list[float]] = {n: [] for n in models}
     with torch.no_grad():
         for m in models.values():  # warm-up
@@ -212,7 +219,7 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
     best = res.best
     fastest = max(res.front, key=lambda m: m.speedup or 0) if res.front else None
     onnx = None
-    folded = None
+    folded = channels_last = None
     if best is not None:
         xb = batch_inputs(x1, batch)[0]
         torch.set_num_threads(args.threads)
@@ -220,6 +227,12 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
             folded = folded_speedup(model.eval(), res.build(best, model).eval(), xb, args.threads, args.onnx_rounds, args.clock)
         except Exception as exc:  # pragma: no cover - a model fx cannot trace is a finding, not a crash
             folded = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        if x1.dim() == 4:  # a CNN: the same in channels-last
+            try:
+                channels_last = folded_speedup(model.eval(), res.build(best, model).eval(), xb, args.threads, args.onnx_rounds,
+                                               args.clock, channels_last=True)
+            except Exception as exc:  # pragma: no cover
+                channels_last = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     if best is not None and not args.no_onnx:
         try:
             onnx = onnx_speedup(model.eval(), res.build(best, model).eval(), xb, args.threads, args.onnx_rounds, out, args.clock)
@@ -234,7 +247,7 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
         "breaches": sum(1 for m in res.front if m.latency_breach),
         "best": None if best is None else {"trial": best.trial, "summary": best.summary, "score": best.score,
                                            "flops_ratio": best.flops_ratio, "speedup": best.speedup,
-                                           "onnx": onnx, "folded": folded},
+                                           "onnx": onnx, "folded": folded, "channels_last": channels_last},
         "fastest_speedup": fastest.speedup if fastest is not None else None,
         "median_speedup_estimate_error": statistics.median(errs) if errs else None,
         "median_absolute_estimate_error": statistics.median(abs_errs) if abs_errs else None,
@@ -274,6 +287,11 @@ def floors(rows: list[dict]) -> list[dict]:
                 out.append({"what": f"{r['model']} b{r['batch']} 30%flops align {r['align']}: best member >= {need}x eager, "
                                     "batch norm folded in both models",
                             "value": f"{fold:.2f}x", "ok": fold >= need if r["batch"] in (1, 32) else None})
+            cl = (b.get("channels_last") or {}).get("speedup")
+            if cl is not None:
+                out.append({"what": f"{r['model']} b{r['batch']} 30%flops align {r['align']}: best member >= {need}x eager, "
+                                    "batch norm folded, channels-last, in both models",
+                            "value": f"{cl:.2f}x", "ok": cl >= need if r["batch"] in (1, 32) else None})
     return out
 
 
@@ -281,21 +299,24 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"bench_speedup on {meta['device_name']}, {meta['threads']} threads, {meta['clock']} clock; "
              f"load average {meta['loadavg_start']} -> {meta['loadavg_end']}, contention probe "
              f"{meta['cpu_share_start']:.2f} -> {meta['cpu_share_end']:.2f} (1.00 = an idle core)", "",
-             "| model | batch | budget | align | original | best member | FLOPs | speed-up eager | eager, BN folded | speed-up ONNX | fastest | "
+             "| model | batch | budget | align | original | best member | FLOPs | speed-up eager | eager, BN folded | "
+             "eager, folded, channels-last | speed-up ONNX | fastest | "
              "est. error (speed-up) | est. error (abs.) | members over budget |",
-             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = r["best"] or {}
         if r.get("unreachable"):
             lines.append(f"| {r['model']} | {r['batch']} | {r['budget']} | {r['align']} | unreachable: "
-                         f"{r['unreachable'].split(': ', 1)[-1]} ||||||||||")
+                         f"{r['unreachable'].split(': ', 1)[-1]} |||||||||||")
             continue
         onnx = (b.get("onnx") or {}).get("speedup")
         fold = (b.get("folded") or {}).get("speedup")
+        cl = (b.get("channels_last") or {}).get("speedup")
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['budget']} | {r['align']} | {fmt(r['original_s'] and r['original_s'] * 1e3, '.2f')} ms | "
-            f"{b.get('summary', '-')} | {fmt(b.get('flops_ratio'), '.1%')} | {fmt(b.get('speedup'), '.2f')}x | {fmt(fold, '.2f')}x | {fmt(onnx, '.2f')}x | "
+            f"{b.get('summary', '-')} | {fmt(b.get('flops_ratio'), '.1%')} | {fmt(b.get('speedup'), '.2f')}x | {fmt(fold, '.2f')}x | "
+            f"{fmt(cl, '.2f')}x | {fmt(onnx, '.2f')}x | "
             f"{fmt(r['fastest_speedup'], '.2f')}x | {fmt(r['median_speedup_estimate_error'], '.1%')} | "
             f"{fmt(r['median_absolute_estimate_error'], '.1%')} | {r['breaches']}/{r['front_size']} |")
     lines += ["", "| floor | value | met |", "|---|---:|---|"]
