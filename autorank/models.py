@@ -32,8 +32,8 @@ class DigitsCNN(nn.Module):
     image) make the convolutions, not the framework's per-operator overhead, the
     bulk of the latency on a CPU, so that a decomposition that removes FLOPs also
     removes time, on one thread and on two. Measured on a 2-core machine (OpenMP's
-    default wait policy): the demo (inference form, width 96) takes about 3 ms on
-    one thread and 1.6 ms on two. On two threads every operator is a parallel
+    default wait policy): the demo (inference form, width 96) takes 1.9-2.4 ms on
+    one thread and 1.3-1.7 ms on two. On two threads every operator is a parallel
     region (tens of microseconds at batch 1), so what a factorization cannot
     remove (the first convolution, activations, pooling, the classifier) weighs
     more: the 64-wide demo with its batch norms (1.0 ms) could not reach

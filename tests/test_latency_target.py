@@ -248,7 +248,7 @@ def test_side_by_side_measurement_interleaves_and_reports_every_module():
 
 
 def test_a_model_or_task_declares_the_threads_it_is_deployed_with():
-    """The demo runs fastest on one thread at batch 1: a latency target measures it so unless --threads says otherwise."""
+    """The demo declares one deployment thread at batch 1: a latency target measures it so unless --threads says otherwise."""
     from autorank.models import DigitsCNN
 
     demo = DigitsCNN()

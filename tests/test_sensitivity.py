@@ -141,6 +141,19 @@ def test_output_weights_are_the_jacobian_column_energies():
     assert approx == pytest.approx(exact, rel=0.1)
 
 
+def test_output_weights_ignore_an_in_place_op_after_the_layer():
+    """A ReLU(inplace=True) right after a layer (a folded batch norm's place) must not rewrite the output
+    the gradient energies are taken against: the weights equal those of the same model without in-place."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 9))
+    inplace = nn.Sequential(plain[0], nn.ReLU(inplace=True), plain[2])
+    x = torch.randn(500, 8)
+    a = collect_statistics(plain, [x], ["0"], weighting=True, seed=1)["0"]
+    b = collect_statistics(inplace, [x], ["0"], weighting=True, seed=1)["0"]
+    assert torch.allclose(a.weights, b.weights) and a.output_energy == pytest.approx(b.output_energy)
+    assert float(a.weights.min()) < float(a.weights.max())  # the ReLU masks some rows: not a trivial case
+
+
 def test_calibration_recovers_scales_and_exponent():
     """Drops generated as k_layer · c_method · e^α are fitted back from the probes the estimate picks."""
     errors, truth_k = {}, {}

@@ -81,7 +81,7 @@ def declared_threads(*owners: Any) -> Optional[int]:
     """The CPU thread count a task or model says it is deployed with (its ``latency_threads``), or None.
 
     A model deployed on fewer threads than the machine has declares it, so that a
-    latency budget is measured as it would be deployed: the built-in demo (48 MFLOPs
+    latency budget is measured as it would be deployed: the built-in demo (107 MFLOPs
     at batch 1) is served on one thread (`autorank.models.DigitsCNN`). ``--threads``
     always overrides it.
     """
