@@ -106,6 +106,8 @@ def fold_batch_norms(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]
     Returns the copy and the folded (layer, batch norm) name pairs; ``model`` is untouched. The copy
     forgets the spec it was loaded from (its architecture is no longer what the spec builds).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_batch_norms() expects an nn.Module, got {type(model).__name__}")
     pairs = foldable_pairs(model)
     folded = copy.deepcopy(model).eval()
     folded.__dict__.pop(_SPEC_ATTR, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -110,6 +111,8 @@ def test_a_model_without_batch_norms_comes_back_unchanged():
     assert pairs == [] and folded is not model
     x = torch.randn(2, 4)
     assert torch.equal(folded(x), model(x))
+    with pytest.raises(TypeError, match="nn.Module, got str"):
+        fold_batch_norms("resnet50")
 
 
 def test_the_demo_is_served_folded():
