@@ -126,3 +126,27 @@ def test_the_demo_is_served_folded():
     # the demo's cached weights are this inference form: no batch-norm keys, a bias on every convolution
     state = autorank.load_model("demo").state_dict()
     assert not any("running_mean" in k for k in state) and "features.9.bias" in state
+
+
+def test_a_spec_that_folds_rebuilds_the_folded_model_for_save_and_load(tmp_path):
+    """On the command line a user folds in their spec's callable: every rebuild by spec (workers, load) folds alike."""
+    (tmp_path / "foldnet.py").write_text(
+        "import torch, autorank\n"
+        "from autorank.models import ResNet, seeded\n"
+        "def build():\n"
+        "    net = seeded(lambda: ResNet(layers=(1, 1, 1, 1), num_classes=10))\n"
+        "    with torch.no_grad():\n"
+        "        for m in net.modules():\n"
+        "            if isinstance(m, torch.nn.BatchNorm2d):\n"
+        "                m.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(m.num_features))\n"
+        "    return autorank.fold_batch_norms(net)[0]\n"
+    )
+    spec = f"{tmp_path / 'foldnet.py'}:build"
+    a, b = autorank.load_model(spec), autorank.load_model(spec)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())  # deterministic: workers agree
+    small = autorank.decompose(a, {"layers": {"layer2.0.conv2": {"method": "svd", "rank": 0.5}}}, cache=FactorCache())
+    back = autorank.load(autorank.save(small, tmp_path / "small.pt"), trust_spec=True)
+    assert isinstance(back.bn1, nn.Identity) and back.conv1.bias is not None
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
