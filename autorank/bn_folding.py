@@ -22,6 +22,7 @@ import copy
 import logging
 from typing import Optional
 
+import torch.fx
 from torch import nn
 
 from autorank.factor_layers import fold_batch_norm
@@ -49,8 +50,6 @@ def _compatible(layer: nn.Module, bn: nn.Module) -> bool:
 
 def _fx_pairs(model: nn.Module) -> Optional[list[tuple[str, str]]]:
     """(layer, batch norm) names where the traced graph feeds the layer's output only to the batch norm; None if untraceable."""
-    import torch.fx
-
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:  # dynamic control flow, Hugging Face models, ...
