@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from autorank.factor_layers import fold_batch_norm
+from autorank.bn_folding import fold_batch_norms
 from autorank.fileio import atomic_write_bytes
 from autorank.models import DigitsCNN, seeded
 from autorank.tasks.classification import ClassificationTask
@@ -92,14 +92,13 @@ def demo_architecture() -> DigitsCNN:
 def fold_demo(trained: DigitsCNN) -> DigitsCNN:
     """``trained`` (with batch norms) in inference form: every batch norm folded into the convolution before it.
 
-    Same outputs in eval mode (to float rounding); the batch norms' slots hold ``nn.Identity``.
+    Same outputs in eval mode (to float rounding); the batch norms' slots hold ``nn.Identity``, as in
+    ``DigitsCNN(batch_norm=False)``.
     """
-    folded = DigitsCNN(width=trained.features[0].out_channels, upsample=trained.upsample, batch_norm=False)
-    state = {k: v for k, v in trained.state_dict().items() if k in folded.state_dict()}
-    folded.load_state_dict(state)
-    for i, layer in enumerate(trained.features):
-        if isinstance(layer, torch.nn.BatchNorm2d):
-            fold_batch_norm(folded.features[i - 1], layer)
+    folded, pairs = fold_batch_norms(trained)
+    expected = sum(isinstance(m, torch.nn.BatchNorm2d) for m in trained.modules())
+    if len(pairs) != expected:  # the recipe's architecture changed under it
+        raise RuntimeError(f"fold_demo: folded {len(pairs)} of the demo's {expected} batch norms")
     return folded.eval()
 
 
