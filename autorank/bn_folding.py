@@ -26,6 +26,7 @@ import torch.fx
 from torch import nn
 
 from autorank.factor_layers import fold_batch_norm
+from autorank.specs import SPEC_ATTR
 from autorank.surgery import set_submodule
 
 logger = logging.getLogger("autorank")
@@ -34,8 +35,6 @@ __all__ = ["fold_batch_norms", "foldable_pairs"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _LAYER = (nn.Conv2d, nn.Linear)
-# the spec a model was loaded from (autorank.zoo.SPEC_ATTR; not imported: zoo sits above this module)
-_SPEC_ATTR = "_autorank_spec"
 
 
 def _compatible(layer: nn.Module, bn: nn.Module) -> bool:
@@ -109,7 +108,7 @@ def fold_batch_norms(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]
         raise TypeError(f"fold_batch_norms() expects an nn.Module, got {type(model).__name__}")
     pairs = foldable_pairs(model)
     folded = copy.deepcopy(model).eval()
-    folded.__dict__.pop(_SPEC_ATTR, None)
+    folded.__dict__.pop(SPEC_ATTR, None)
     for layer, bn in pairs:
         fold_batch_norm(folded.get_submodule(layer), folded.get_submodule(bn))
         set_submodule(folded, bn, nn.Identity())

@@ -27,7 +27,10 @@ from typing import Any
 
 from autorank.errors import ModelSpecError, SaveLoadError
 
-__all__ = ["resolve_target", "import_file", "is_safe_spec", "require_trusted", "UntrustedSpecError", "SAFE_PREFIXES"]
+__all__ = ["resolve_target", "import_file", "is_safe_spec", "require_trusted", "UntrustedSpecError", "SAFE_PREFIXES", "SPEC_ATTR"]
+
+#: attribute under which a model loaded from a spec records it (set by autorank.zoo.load_model)
+SPEC_ATTR = "_autorank_spec"
 
 #: spec prefixes autorank resolves itself, without importing anyone's module or file
 #: (``hf:DIR``: a Hugging Face directory, loaded offline and without remote code;

@@ -30,14 +30,12 @@ from torch import nn
 from autorank.errors import ModelSpecError
 from autorank.hf import hf_example_input, is_hf_spec, load_hf_model, with_dtype
 from autorank.models import BertEncoder, ResNet, seeded
-from autorank.specs import resolve_target
+from autorank.specs import SPEC_ATTR, resolve_target
 from autorank.tasks.demo import trained_demo_model
 from autorank.tasks.text import minilm as _minilm
 
 __all__ = ["BUILTINS", "Builtin", "load_model", "example_input", "demo", "minilm", "resnet50", "bert_base", "SPEC_ATTR"]
 
-#: attribute under which a model loaded from a spec records it
-SPEC_ATTR = "_autorank_spec"
 
 
 def demo() -> nn.Module:

@@ -10,6 +10,7 @@ import autorank
 from autorank.bn_folding import fold_batch_norms, foldable_pairs
 from autorank.cache import FactorCache
 from autorank.models import DigitsCNN, ResNet, seeded
+from autorank.specs import SPEC_ATTR
 from autorank.tasks.demo import fold_demo
 
 
@@ -126,6 +127,9 @@ def test_the_demo_is_served_folded():
     # the demo's cached weights are this inference form: no batch-norm keys, a bias on every convolution
     state = autorank.load_model("demo").state_dict()
     assert not any("running_mean" in k for k in state) and "features.9.bias" in state
+    # a folded copy forgets the spec its original was loaded from: that spec builds the unfolded architecture
+    net = autorank.load_model("demo")
+    assert net.__dict__[SPEC_ATTR] == "demo" and SPEC_ATTR not in fold_batch_norms(net)[0].__dict__
 
 
 def test_a_spec_that_folds_rebuilds_the_folded_model_for_save_and_load(tmp_path):
