@@ -100,8 +100,10 @@ def fold_batch_norm(layer: nn.Module, bn: nn.Module) -> None:
         raise TrainingError(f"cannot fold a batch norm into a {type(layer).__name__} (only a Conv2d or Linear)")
     w = float_weight(layer)
     with torch.no_grad():
-        scale = bn.weight.to(torch.float64) / (bn.running_var.to(torch.float64) + bn.eps).sqrt()
-        shift = bn.bias.to(torch.float64) - bn.running_mean.to(torch.float64) * scale
+        gamma = bn.weight.to(torch.float64) if bn.weight is not None else 1.0  # affine=False: scale 1, shift 0
+        beta = bn.bias.to(torch.float64) if bn.bias is not None else 0.0
+        scale = gamma / (bn.running_var.to(torch.float64) + bn.eps).sqrt()
+        shift = beta - bn.running_mean.to(torch.float64) * scale
         w.copy_((w.to(torch.float64) * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
         if layer.bias is None:
             layer.bias = nn.Parameter(shift.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)

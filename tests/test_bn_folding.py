@@ -107,6 +107,12 @@ def test_untraceable_model_folds_adjacent_sequential_children():
 
 
 def test_a_model_without_batch_norms_comes_back_unchanged():
+    plain = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False), nn.ReLU())  # no affine terms to fold
+    plain[1].running_mean.fill_(0.5)
+    plain[1].running_var.fill_(4.0)
+    folded, pairs = fold_batch_norms(plain.eval())
+    x = torch.randn(3, 4)
+    assert pairs == [("0", "1")] and _close(folded(x), plain(x))
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     folded, pairs = fold_batch_norms(model)
     assert pairs == [] and folded is not model
