@@ -15,7 +15,7 @@ rounds, the fastest sample: see ``autorank.search.latency``). From each front th
   the batch size and timed side by side, interleaved, with ``--threads`` intra-op threads);
 - the same in eager PyTorch with every batch norm folded into the convolution before it, in both models, and
   (for a CNN) also in channels-last memory format
-  (``torch.fx.experimental.optimization.fuse``; at batch 32 on a CPU an unfolded batch norm is a pass over the
+  (``autorank.fold_batch_norms``; at batch 32 on a CPU an unfolded batch norm is a pass over the
   activations as costly as the convolution it follows, and a factorization cannot remove it);
 - the fastest member's eager speed-up;
 - the latency estimate against the re-measurement, over every member: the median absolute error of the
@@ -141,8 +141,8 @@ def onnx_speedup(original: torch.nn.Module, small: torch.nn.Module, x: torch.Ten
 def folded_speedup(original: torch.nn.Module, small: torch.nn.Module, x: torch.Tensor, threads: int, rounds: int,
                    clock: str = "wall", channels_last: bool = False) -> dict[str, Any]:
     """Both models in eager PyTorch with every batch norm folded into the convolution (or linear) before it
-    (``torch.fx.experimental.optimization.fuse``: what any inference deployment does; the factorizations'
-    last convolution absorbs the batch norm after it just as the dense one does), timed side by side;
+    (:func:`autorank.fold_batch_norms`: what any inference deployment does; the factorizations' last
+    convolution absorbs the batch norm after it just as the dense one does), timed side by side;
     ``channels_last``: both models' weights and the input in channels-last (NHWC) memory format as well.
 
     In eager mode a batch norm is a pass of its own over the activations, which at batch 32 on a CPU costs
@@ -150,10 +150,8 @@ def folded_speedup(original: torch.nn.Module, small: torch.nn.Module, x: torch.T
     the compression changes once that pass is gone from both models. In PyTorch's default NCHW layout a CPU
     convolution also moves its input to the blocked layout oneDNN computes in and back, a pass a factorized
     layer pays once per factor; channels-last avoids it."""
-    from torch.fx.experimental.optimization import fuse
-
     timer = time.thread_time if clock == "cpu" else time.perf_counter
-    models = {"original": fuse(original.eval()), "compressed": fuse(small.eval())}
+    models = {"original": fold_batch_norms(original)[0], "compressed": fold_batch_norms(small)[0]}
     if channels_last:
         models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items()}
         x = x.contiguous(memory_format=torch.channels_last)
