@@ -9,6 +9,7 @@ than its dense layer, a demo model 2x faster than the original, asserted above 1
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ from autorank.cost.latency_table import LatencyTable, layer_signature
 from autorank.cost.profile import profile_model
 from autorank.cost.timing import DeviceError, LatencyError, default_threads, measure_side_by_side
 from autorank.search import search
-from autorank.search.latency import LatencyTableMismatch, LatencyTarget, latency_job
+from autorank.search.latency import FRONT_ROUNDS, LatencyTableMismatch, LatencyTarget, latency_job, measured_front
 from autorank.search.result import FrontMember, PickError, SearchResult
 from autorank.search.space import LayerChoice
 from tests.latency_toys import FAST_LAYERS, INPUT_SHAPE, SLOW_LAYERS, mlp_task, wide_mlp
@@ -151,10 +152,11 @@ def test_break_even_excludes_a_replacement_slower_than_its_dense_layer_on_this_c
     assert any(set(r["plan"]["layers"]) & set(FAST_LAYERS) for r in res.trials)
     # every member was re-measured on the target, next to the original, and keeps the budget or says it does not
     assert res.front and res.original_latency_s > 0
-    for m in res.front:
-        assert m.latency_measured_s > 0 and m.speedup == pytest.approx(res.original_latency_s / m.latency_measured_s)
-        assert m.latency_breach == (m.latency_measured_s > 0.7 * res.original_latency_s)
+    for m in res.front:  # each over the original measured beside it (members that left the front: measured in later rounds)
+        assert m.latency_measured_s > 0 and m.speedup == pytest.approx(m.latency_original_s / m.latency_measured_s)
+        assert m.latency_breach == (m.latency_measured_s > 0.7 * m.latency_original_s)
         assert m.latency_estimated_s > 0
+    assert not {o["trial"] for o in res.over_budget} & {m.trial for m in res.front}
     calib = info["calibration"]  # fitted on decomposed models measured whole, beside the original
     assert calib["plans"] >= 2 and len(calib["points"]) == calib["plans"] and 0.5 <= calib["scale"] <= 4.0
     assert info["margin_s"] == calib["margin"] >= 0.0
@@ -220,6 +222,96 @@ def test_profile_latency_and_the_search_share_one_table(tmp_path):
 
 
 # ---------------------------------------------------------------------- the front: speed-up, breach, picks
+def _fake_result(tmp_path, trials):
+    front = [_member(t, 0.9 + t / 100, 0.3 + t / 100, 1.0, None) for t in trials]
+    for m in front:
+        m.latency_measured_s = m.speedup = None
+    return SearchResult(run_dir=tmp_path, budget="50%latency", cost_metric="latency", base_score=1.0,
+                        original={"flops": 1.0, "params": 1.0, "latency": 1e-3}, front=front, trials=[], wasted_fraction=0.0)
+
+
+def test_a_member_measured_over_the_latency_budget_leaves_the_front_and_the_trials_it_dominated_are_measured(tmp_path):
+    """Round 1 measures 1, 2, 3 and finds 2 over; the front rebuilt without 2 promotes 4, the only one measured in round 2."""
+    latencies = {1: 4e-4, 2: 5.1e-4, 3: 4.9e-4, 4: 4.5e-4}
+    fronts = {frozenset(): [1, 2, 3], frozenset({2}): [1, 3, 4]}
+    calls, rebuilt = [], []
+
+    def measure(result, skip):
+        todo = [m for m in result.front if m.trial not in skip]
+        calls.append(sorted(m.trial for m in todo))
+        for m in todo:
+            m.latency_measured_s, m.latency_original_s = latencies[m.trial], 1e-3
+            m.speedup, m.latency_breach = 1e-3 / latencies[m.trial], latencies[m.trial] > 5e-4
+        if result.original_latency_s is None:
+            result.original_latency_s, result.latency = 1e-3, {"limit_s": 5e-4}
+        return todo
+
+    def rebuild(over):
+        rebuilt.append(set(over))
+        return _fake_result(tmp_path, fronts[frozenset(over)])
+
+    res = measured_front(_fake_result(tmp_path, fronts[frozenset()]), rebuild, measure)
+    assert calls == [[1, 2, 3], [4]] and rebuilt == [{2}]  # measured once each, nothing measured twice
+    assert [m.trial for m in res.front] == [1, 3, 4] and not any(m.latency_breach for m in res.front)
+    assert all(m.latency_measured_s == latencies[m.trial] for m in res.front)  # carried over from round 1
+    assert res.original_latency_s == 1e-3 and res.latency == {"limit_s": 5e-4}
+    assert [o["trial"] for o in res.over_budget] == [2] and res.over_budget[0]["latency_measured_s"] == 5.1e-4
+    assert res.best.trial == 4
+    saved = SearchResult(**{**res.__dict__, "front": [FrontMember.from_dict(m.to_dict()) for m in res.front]}).to_dict()
+    assert saved["over_budget"][0]["trial"] == 2 and saved["front"][0]["latency_original_s"] == 1e-3
+
+
+def test_members_still_over_the_budget_after_the_last_round_stay_on_the_front_marked(tmp_path):
+    """Every promoted member is over too: after FRONT_ROUNDS rounds the last ones stay, marked, and are never picked."""
+    nxt = iter(range(10, 100))
+
+    def measure(result, skip):
+        todo = [m for m in result.front if m.trial not in skip]
+        for m in todo:
+            m.latency_measured_s, m.latency_original_s, m.speedup, m.latency_breach = 6e-4, 1e-3, 1e-3 / 6e-4, True
+        result.original_latency_s = result.original_latency_s or 1e-3
+        return todo
+
+    res = measured_front(_fake_result(tmp_path, [1]), lambda over: _fake_result(tmp_path, [next(nxt)]), measure)
+    assert len(res.over_budget) == FRONT_ROUNDS - 1 and [m.trial for m in res.front] == [10 + FRONT_ROUNDS - 2]
+    assert res.front[0].latency_breach and res.best is None
+    with pytest.raises(PickError, match="breaks the budget"):
+        res.pick("best")
+
+
+def test_search_leaves_out_a_member_measured_over_the_latency_budget(tmp_path, monkeypatch):
+    """The in-process search: the first front's measurements are made to break the budget; its members leave the front,
+    which is rebuilt from the trials they dominated, whose weights are saved and measured; the CLI's `front` says so."""
+    base = importlib.import_module("autorank.search.executor_base")  # (autorank.search is also the search function)
+    real, slowed, rounds = base.latency_job, [], []
+
+    def job(kind, model, payload, progress=None):
+        res = real(kind, model, payload, progress)
+        if kind == "front":
+            rounds.append(sorted(int(m["trial"]) for m in payload["members"]))
+        if kind == "front" and not slowed:  # the first round: every member measured 3x slower than the original
+            for trial, t in res["members"].items():
+                res["members"][trial] = {**t, "min": 3 * res["original"]["min"]}
+                slowed.append(int(trial))
+        return res
+
+    monkeypatch.setattr(base, "latency_job", job)  # what the in-process executor runs
+    res = search(wide_mlp(), mlp_task(), budget="70%latency", out=tmp_path / "run", space=MLP_SPACE, threads=1,
+                 **{**QUICK, "trials": 8})
+    over = [o["trial"] for o in res.over_budget]  # (a member this busy machine really measured over the budget may join them)
+    assert slowed and set(slowed) <= set(over) and not set(over) & {m.trial for m in res.front} and res.front
+    measured = [t for r in rounds for t in r]
+    assert len(rounds) >= 2 and rounds[1] and len(measured) == len(set(measured)), rounds  # promoted trials, each measured once
+    for m in res.front:  # every member measured, with weights on disk
+        assert m.latency_measured_s > 0 and (Path(res.run_dir) / m.weights).exists()
+    back = SearchResult.load(res.run_dir)
+    assert [o["trial"] for o in back.over_budget] == over
+    assert not any(p["feasible"] for p in back.points() if p["trial"] in slowed)
+    p = run_cli("front", str(res.run_dir), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"trial {slowed[0]} left the front" in " ".join(p.stdout.split())
+
+
 def _member(trial: int, score: float, cost: float, latency: float, breach) -> FrontMember:
     return FrontMember(trial=trial, plan=Plan({}), score=score, zero_shot_score=score, finetuned=False, flops=1.0, params=1.0,
                        flops_ratio=cost, params_ratio=cost, cost_ratio=cost, latency_measured_s=latency,

@@ -110,3 +110,28 @@ def test_a_request_no_node_can_satisfy_fails_before_the_first_trial(tmp_path, cl
     assert needle in text and "\n" not in text, text
     assert not list(out.glob("trials/*.json")) and not (out / "latency.json").exists()
     assert not ray.is_initialized()  # the executor closed the connection it opened
+
+
+def test_members_measured_over_the_budget_are_replaced_by_trials_saved_by_restarted_workers(tmp_path, cluster, monkeypatch):
+    """The trial workers are released while the front is measured; when the first round's members (made to measure over
+    the budget here) leave the front, workers start again to save the promoted trials' weights, which are then measured."""
+    real, rounds = RayExecutor.measure_latency, []
+
+    def measure(self, kind, model, payload, progress=None):
+        res = real(self, kind, model, payload, progress)
+        if kind == "front":
+            rounds.append(sorted(int(m["trial"]) for m in payload["members"]))
+            if len(rounds) == 1:
+                res["members"] = {k: {**t, "min": 3 * res["original"]["min"]} for k, t in res["members"].items()}
+        return res
+
+    monkeypatch.setattr(RayExecutor, "measure_latency", measure)
+    monkeypatch.setenv("AUTORANK_CACHE_DIR", str(tmp_path / "cache"))
+    ex = RayExecutor(address=cluster, resources=TARGET)
+    res = search(wide_mlp(), mlp_task(), budget="70%latency", out=tmp_path / "run", space=str(_space(tmp_path)), threads=1,
+                 trials=8, finetune=0, sensitivity_points=2, executor=ex)
+    assert len(rounds) >= 2 and rounds[1], rounds
+    assert set(rounds[0]) <= {o["trial"] for o in res.over_budget}
+    for m in res.front:
+        assert m.trial not in rounds[0] and m.latency_measured_s > 0 and (Path(res.run_dir) / m.weights).exists()
+    assert not ray.is_initialized()

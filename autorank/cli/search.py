@@ -98,11 +98,11 @@ class _Progress:
             return
         phase = e.get("phase")
         names = {"profile": "profiling", "latency": "latency table", "sensitivity": "layer sensitivity",
-                 "trials": "trials", "finetune": "fine-tuning", "done": "done"}
-        if phase != self.phase and phase in ("latency", "sensitivity", "trials", "finetune"):
+                 "trials": "trials", "finetune": "fine-tuning", "front": "measuring the front", "done": "done"}
+        if phase != self.phase and phase in ("latency", "sensitivity", "trials", "finetune", "front"):
             self.phase = phase
             self.task = self.bar.add_task(names[phase], total=e.get("total") or 1, info="")
-        if self.task is None or phase not in ("latency", "sensitivity", "trials", "finetune"):
+        if self.task is None or phase not in ("latency", "sensitivity", "trials", "finetune", "front"):
             return
         info = ""
         if phase == "trials":
@@ -288,6 +288,11 @@ def _print_front(result, console) -> None:
     if share is not None and share < 0.8 and (lat.get("threads_used") or 1) > 1:
         console.print(f"[yellow]the machine was busy while measuring (a probe thread got {share:.0%} of a core): latencies "
                       f"with {lat.get('threads_used')} threads include waiting for cores; --threads 1 measures more steadily[/]")
+    for o in result.over_budget:
+        ratio = (f"{100 * o['latency_measured_s'] / o['original_latency_s']:.1f}% of the original's latency"
+                 if o.get("latency_measured_s") and o.get("original_latency_s") else "over the budget")
+        console.print(f"[yellow]trial {o['trial']} left the front: measured end to end at {ratio} "
+                      f"(budget {result.budget}); the trials it had dominated were measured instead[/]")
     breaching = [m.trial for m in result.front if m.latency_breach]
     if breaching:
         console.print(f"[yellow]re-measured over the latency budget (never picked by --pick): trial(s) "

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -61,7 +61,8 @@ logger = logging.getLogger("autorank")
 Progress = Callable[[dict[str, Any]], None]
 
 __all__ = [
-    "ALIGN_MODES", "LatencyTarget", "LatencyTableMismatch", "latency_job", "latency_table_for", "measure_front",
+    "ALIGN_MODES", "FRONT_ROUNDS", "LatencyTarget", "LatencyTableMismatch", "latency_job", "latency_table_for", "measure_front",
+    "measured_front",
     "write_latency_files",
     "profile_latency_job", "profile_table", "search_grid",
 ]
@@ -350,24 +351,30 @@ def write_latency_files(run: Any, files: dict[str, Any]) -> None:
 
 
 def measure_front(result, original: nn.Module, task: Any, *, target: Optional[LatencyTarget] = None, executor: Any = None,
-                  budget: Any = None, table_info: Optional[dict] = None) -> None:
-    """Re-measure the original and every front member end to end on the target, side by side.
+                  budget: Any = None, table_info: Optional[dict] = None, skip: Collection[int] = ()) -> list:
+    """Re-measure the original and the front's members end to end on the target, side by side.
 
-    Sets ``result.original_latency_s``, each member's ``latency_measured_s``,
-    ``speedup`` and (under a latency budget) ``latency_breach``, and
-    ``result.latency`` (the target, the device's name, where it was measured).
+    Sets each measured member's ``latency_measured_s``, ``speedup`` (over the
+    original measured beside it) and (under a latency budget) ``latency_breach``,
+    and, unless already set by an earlier round, ``result.original_latency_s``
+    and ``result.latency`` (the target, the device's name, where it was
+    measured). Members whose trial is in ``skip`` (measured in an earlier round)
+    are left as they are. Returns the members measured now.
     """
     target = target or LatencyTarget.make(None, None, None, task)
-    members = [m for m in result.front if result.weights_path(m) is not None and result.weights_path(m).exists()]
+    members = [m for m in result.front if m.trial not in skip
+               and result.weights_path(m) is not None and result.weights_path(m).exists()]
+    if not members:
+        return []
     payload = {**target.job(), "example": _cpu_example(task),
                "members": [{"trial": m.trial, "weights": str(result.weights_path(m).resolve())} for m in members]}
     res = executor.measure_latency("front", original, payload) if executor is not None else latency_job("front", original, payload)
     stat = target.statistic
     base = float(res["original"][stat])
-    result.original_latency_s = base
     limits = []
     if budget is not None:
         limits = [c.limit(base) for c in budget.constraints if c.metric == "latency"]
+    done = []
     for m in members:
         t = res["members"].get(str(m.trial))
         if t is None:
@@ -375,12 +382,70 @@ def measure_front(result, original: nn.Module, task: Any, *, target: Optional[La
         m.latency_measured_s = float(t[stat])
         m.speedup = base / m.latency_measured_s if m.latency_measured_s > 0 else None
         m.latency_breach = any(m.latency_measured_s > lim for lim in limits) if limits else None
-    result.latency = {
-        **target.to_dict(), "threads_used": res.get("threads"), "device_name": res.get("device_name"), "rounds": target.rounds,
-        "cpu_share": res.get("cpu_share"),
-        "measured_on": res.get("where", {}), "limit_s": min(limits) if limits else None,
-        **({"table": table_info} if table_info else {}),
-    }
+        m.latency_original_s = base
+        done.append(m)
+    if result.original_latency_s is None:
+        result.original_latency_s = base
+        result.latency = {
+            **target.to_dict(), "threads_used": res.get("threads"), "device_name": res.get("device_name"), "rounds": target.rounds,
+            "cpu_share": res.get("cpu_share"),
+            "measured_on": res.get("where", {}), "limit_s": min(limits) if limits else None,
+            **({"table": table_info} if table_info else {}),
+        }
+    return done
+
+
+#: rounds of the front's end-to-end measurement: a member measured over the latency budget leaves the front and the
+#: trials it had dominated are measured in its place, at most this many times
+FRONT_ROUNDS = 3
+_MEASURED = ("latency_measured_s", "speedup", "latency_breach", "latency_original_s")
+
+
+def measured_front(result, rebuild: Callable[[set], Any], measure: Callable[[Any, set], list], emit: Optional[Progress] = None,
+                   rounds: int = FRONT_ROUNDS):
+    """The front, every member measured end to end; under a latency budget, the members measured over it left out.
+
+    The estimate puts the front's members at the budget's edge, where what it
+    misses (a few percent) decides. A member whose measurement breaks the budget
+    is not a feasible plan: it leaves the front (``result.over_budget`` keeps
+    it), ``rebuild(over)`` (a trial-number set) builds the front without it, and
+    the trials it had dominated are measured in turn (``measure(result,
+    skip)``, see :func:`measure_front`: the members already measured keep their
+    figures). After ``rounds`` rounds, members still over the budget stay on the
+    front, marked (``latency_breach``), and are never picked under it.
+    """
+    emit = emit or (lambda e: None)
+    over: dict[int, dict[str, Any]] = {}
+    measured: dict[int, Any] = {}
+    original_s, where = None, None
+    for rnd in range(rounds):
+        if rnd:
+            result = rebuild(set(over))
+            result.original_latency_s, result.latency = original_s, where
+            for m in result.front:
+                if m.trial in measured:
+                    for key in _MEASURED:
+                        setattr(m, key, getattr(measured[m.trial], key))
+        todo = [m for m in result.front if m.trial not in measured]
+        if not todo:
+            break
+        emit({"phase": "front", "done": len(measured), "total": len(measured) + len(todo),
+              "what": f"measuring {len(todo)} member(s) end to end" + (f", round {rnd + 1}" if rnd else "")})
+        done = measure(result, set(measured))
+        measured.update({m.trial: m for m in done})
+        original_s, where = result.original_latency_s, result.latency
+        emit({"phase": "front", "done": len(measured), "total": len(measured), "what": "measured"})
+        breached = [m for m in done if m.latency_breach]
+        if not breached or rnd == rounds - 1:
+            break
+        for m in breached:
+            over[m.trial] = {"trial": m.trial, "summary": m.summary, "score": m.score, "cost_ratio": m.cost_ratio,
+                             "latency_measured_s": m.latency_measured_s, "original_latency_s": m.latency_original_s,
+                             "speedup": m.speedup, "limit_s": (result.latency or {}).get("limit_s")}
+        logger.info("front: trial(s) %s measured over the latency budget; left out, the trials they dominated measured instead",
+                    ", ".join(str(m.trial) for m in breached))
+    result.over_budget = [over[k] for k in sorted(over)]
+    return result
 
 
 # ---------------------------------------------------------------------- `autorank profile`

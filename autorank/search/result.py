@@ -16,7 +16,7 @@ import logging
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Collection, Optional, Union
 
 from torch import nn
 
@@ -66,6 +66,8 @@ class FrontMember:
     speedup: Optional[float] = None
     #: True when the re-measured latency breaks the run's latency budget (None: no latency budget or not measured)
     latency_breach: Optional[bool] = None
+    #: the original's latency measured beside this member (``speedup`` is over this one)
+    latency_original_s: Optional[float] = None
     #: how it was recovered (re-fit, block-wise, fine-tune: scores after each, steps, seconds, why it stopped); None: zero-shot
     recovery: Optional[dict[str, Any]] = None
 
@@ -75,7 +77,8 @@ class FrontMember:
             "flops": self.flops, "params": self.params, "flops_ratio": self.flops_ratio, "params_ratio": self.params_ratio,
             "cost_ratio": self.cost_ratio, "summary": self.summary, "origin": self.origin,
             "latency_estimated_s": self.latency_estimated_s, "latency_measured_s": self.latency_measured_s,
-            "speedup": self.speedup, "latency_breach": self.latency_breach, "recovery": self.recovery,
+            "speedup": self.speedup, "latency_breach": self.latency_breach, "latency_original_s": self.latency_original_s,
+            "recovery": self.recovery,
             "weights": self.weights, "plan": self.plan.to_dict(),
         }
 
@@ -97,7 +100,7 @@ class FrontMember:
         for key in ("score", "zero_shot_score", "flops", "params", "flops_ratio", "params_ratio", "cost_ratio"):
             if key in d and not (isinstance(d[key], (int, float)) and not isinstance(d[key], bool) and math.isfinite(d[key])):
                 raise RunDirError(f"{source}: {key!r} must be a finite number, got {d[key]!r}")
-        for key in ("latency_estimated_s", "latency_measured_s", "speedup"):
+        for key in ("latency_estimated_s", "latency_measured_s", "speedup", "latency_original_s"):
             v = d.get(key)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
                 raise RunDirError(f"{source}: {key!r} must be a number or null, got {v!r}")
@@ -140,6 +143,10 @@ class SearchResult:
     trust_spec: bool = False
     #: the files the last :meth:`write` produced (front.json and the plots that could be drawn)
     files: list[Path] = field(default_factory=list)
+    #: plans that were on the front until their end-to-end measurement broke the latency budget: left out of it, the
+    #: trials they had dominated measured in their place (``trial``, ``summary``, ``score``, ``cost_ratio``,
+    #: ``latency_measured_s``, ``original_latency_s`` measured beside it, ``limit_s``)
+    over_budget: list[dict[str, Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ summaries
     @property
@@ -153,7 +160,7 @@ class SearchResult:
             "budget": self.budget, "cost_metric": self.cost_metric, "base_score": self.base_score,
             "original": self.original, "original_latency_s": self.original_latency_s, "latency": self.latency,
             "wasted_fraction": self.wasted_fraction, "trials": len(self.trials),
-            "front": [m.to_dict() for m in self.front],
+            "front": [m.to_dict() for m in self.front], "over_budget": self.over_budget,
         }
 
     def write(self) -> list[Path]:
@@ -185,6 +192,7 @@ class SearchResult:
 
     def points(self) -> list[dict[str, Any]]:
         front = {m.trial: m for m in self.front}
+        over = {o["trial"] for o in self.over_budget}
         pts = []
         for r in self.trials:
             if r.get("state") != "COMPLETE" or r.get("duplicate_of") is not None:
@@ -193,7 +201,7 @@ class SearchResult:
             m = front.get(r["number"])
             pts.append({
                 "trial": r["number"], "cost": r["ratios"][self.cost_metric], "score": ft if ft is not None else r["score"],
-                "feasible": bool(r.get("feasible", True)), "front": m is not None, "finetuned": ft is not None,
+                "feasible": bool(r.get("feasible", True)) and r["number"] not in over, "front": m is not None, "finetuned": ft is not None,
                 "label": r.get("summary", ""),
                 "latency_ms": (m.latency_measured_s * 1e3) if (m is not None and m.latency_measured_s) else None,
             })
@@ -318,10 +326,14 @@ class SearchResult:
         where = data.get("latency")
         if where is not None and not isinstance(where, dict):
             raise RunDirError(f"{source}: 'latency' must be an object or null")
+        over = data.get("over_budget") or []
+        if not isinstance(over, list) or not all(
+                isinstance(o, dict) and isinstance(o.get("trial"), int) and not isinstance(o["trial"], bool) for o in over):
+            raise RunDirError(f"{source}: 'over_budget' must be a list of objects with a trial number")
         return cls(
             run_dir=rd.path, budget=data["budget"], cost_metric=data["cost_metric"], base_score=float(data["base_score"]),
             original=data["original"], front=front, trials=list(trials.values()), wasted_fraction=float(data["wasted_fraction"]),
-            original_latency_s=latency, latency=where, trust_spec=bool(trust_spec),
+            original_latency_s=latency, latency=where, trust_spec=bool(trust_spec), over_budget=over,
         )
 
 
@@ -391,16 +403,18 @@ def _example_inputs(run_dir: Path, trust_spec: bool = False, fmt: str = "pt") ->
         return x
 
 
-def build_front(run: RunDir, study, cost, budget, base_score: float, layers=None) -> SearchResult:
+def build_front(run: RunDir, study, cost, budget, base_score: float, layers=None, over: Collection[int] = ()) -> SearchResult:
     """The Pareto front (score up, cost down) over the finished, feasible trials, best-known scores.
 
     ``layers``: the searched layers; records naming others are refused (see RunDir.trial_records).
-    A trial that repeated an already scored plan (``duplicate_of``) is not a separate member.
+    A trial that repeated an already scored plan (``duplicate_of``) is not a separate member, nor is
+    one of ``over`` (measured over the latency budget end to end).
     """
     records = run.trial_records(layers)
     rows = []
     for number, r in sorted(records.items()):
-        if r.get("state") != "COMPLETE" or not r.get("feasible", True) or r.get("duplicate_of") is not None:
+        if (r.get("state") != "COMPLETE" or not r.get("feasible", True) or r.get("duplicate_of") is not None
+                or number in over):
             continue
         ft = r.get("finetune") or {}
         score = ft.get("score") if ft.get("score") is not None else r.get("score")

@@ -51,7 +51,14 @@ from autorank.search.allocate import Sensitivity, cheapest_plan, penalty_fn
 from autorank.search.executor_base import BaseExecutor, InProcessExecutor, run_one
 from autorank.search.finetune_stage import finetune_stage, materialize_front
 from autorank.search.identity import model_identity, task_identity
-from autorank.search.latency import ALIGN_MODES, LatencyTarget, latency_table_for, measure_front, write_latency_files
+from autorank.search.latency import (
+    ALIGN_MODES,
+    LatencyTarget,
+    latency_table_for,
+    measure_front,
+    measured_front,
+    write_latency_files,
+)
 from autorank.search.params import (
     DEFAULT_SAMPLER,
     SAMPLERS,
@@ -295,8 +302,17 @@ def search(
             materialize_front(result, run, guarded, model_spec)
             executor.release_workers()  # the target is idle while the front is measured
             if measure_latency and result.front:
-                measure_front(result, original, task, target=target, executor=executor, budget=budget,
-                              table_info=run.read_json("latency.json"))
+                def rebuild(over: set[int]):
+                    res = build_front(run, study, cost, budget, base, layers=set(choices), over=over)
+                    if any(m.weights is None for m in res.front):  # a member new to the front: workers save its weights
+                        executor.start(original, task, calibrate=calibrate, cache_dir=cache_dir, setup=False,
+                                       model_spec=model_spec, task_spec=task_spec)
+                        materialize_front(res, run, _StopOnFullDisk(executor), model_spec)
+                        executor.release_workers()
+                    return res
+                result = measured_front(result, rebuild, lambda r, skip: measure_front(
+                    r, original, task, target=target, executor=executor, budget=budget,
+                    table_info=run.read_json("latency.json"), skip=skip), emit)
         finally:
             executor.close()
         result.files = result.write()
