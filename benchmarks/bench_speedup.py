@@ -44,7 +44,7 @@ Usage::
 
     python benchmarks/bench_speedup.py [--quick] [--models resnet50,bert-base] [--batches 1,32]
         [--budgets 30%flops,50%latency] [--aligns device,8] [--threads 2] [--clock wall|cpu] [--trials N] [--device cpu]
-        [--fold-bn]
+        [--fold-bn] [--channels-last]
         [--json benchmarks/results/bench_speedup.json]
 """
 
@@ -176,7 +176,7 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
     out = work / f"{key}-b{batch}-{budget.replace('%', '')}-align{align}"
     t0 = time.perf_counter()
     try:
-        target = LatencyTarget.make(args.device, batch, args.threads, clock=args.clock)
+        target = LatencyTarget.make(args.device, batch, args.threads, clock=args.clock, memory_format=args.memory_format)
         res = search(model, task, budget=budget, space=space, trials=args.trials, finetune=0, sensitivity_points=2, out=out,
                      cache_dir=str(work / "factor-cache"), latency_target=target, align=align, sensitivity=sens_path.get(key),
                      seed=0)
@@ -190,7 +190,8 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
         sens_path.setdefault(key, Path(res.run_dir) / "sensitivity.json")
     x1 = example_input(spec, shape)
     prof = profile_model(model, x1)
-    table = LatencyTable(None, device=args.device, threads=args.threads, batch_size=batch, statistic="min", clock=args.clock)
+    table = LatencyTable(None, device=args.device, threads=args.threads, batch_size=batch, statistic="min", clock=args.clock,
+                         memory_format=args.memory_format)
     base_est = None
     try:
         from autorank.cost.latency_table import model_signature
@@ -222,7 +223,8 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
         xb = batch_inputs(x1, batch)[0]
         torch.set_num_threads(args.threads)
         try:
-            folded = folded_speedup(model.eval(), res.build(best, model).eval(), xb, args.threads, args.onnx_rounds, args.clock)
+            folded = folded_speedup(model.eval(), res.build(best, model).eval(), xb, args.threads, args.onnx_rounds, args.clock,
+                                    channels_last=args.memory_format == "channels_last")
         except Exception as exc:  # pragma: no cover - a model fx cannot trace is a finding, not a crash
             folded = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         if x1.dim() == 4:  # a CNN: the same in channels-last
@@ -241,8 +243,11 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
     info = json.loads((Path(res.run_dir) / "latency.json").read_text()) if (Path(res.run_dir) / "latency.json").exists() else {}
     row = {
         "model": key, "input": list(shape), "batch": batch, "budget": budget, "align": str(align), "elapsed_s": elapsed,
+        "memory_format": args.memory_format,
         "original_s": res.original_latency_s, "front": members, "front_size": len(res.front),
         "breaches": sum(1 for m in res.front if m.latency_breach),
+        # members measured over the latency budget and left out of the front (the trials they dominated measured instead)
+        "left_out": [{k: o.get(k) for k in ("trial", "summary", "latency_measured_s", "original_latency_s")} for o in res.over_budget],
         "best": None if best is None else {"trial": best.trial, "summary": best.summary, "score": best.score,
                                            "flops_ratio": best.flops_ratio, "speedup": best.speedup,
                                            "onnx": onnx, "folded": folded, "channels_last": channels_last},
@@ -257,7 +262,7 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
         f"bn-folded {((b.get('folded') or {}).get('speedup') or 0):.2f}x onnx {((b.get('onnx') or {}).get('speedup') or 0):.2f}x; "
         f"fastest {row['fastest_speedup'] or 0:.2f}x; "
         f"estimate error (speed-up) {row['median_speedup_estimate_error'] if errs else float('nan'):.1%}; "
-        f"breaches {row['breaches']}; {elapsed:.0f} s")
+        f"breaches {row['breaches']}; left the front {len(row['left_out'])}; {elapsed:.0f} s")
     return row
 
 
@@ -278,7 +283,8 @@ def floors(rows: list[dict]) -> list[dict]:
         elif r["budget"] == "30%flops":
             need = 1.8 if r["batch"] >= 32 else 1.5
             sp = b.get("speedup") or 0.0
-            out.append({"what": f"{r['model']} b{r['batch']} 30%flops align {r['align']}: best member >= {need}x eager",
+            layout = " (channels-last target)" if r.get("memory_format") == "channels_last" else ""
+            out.append({"what": f"{r['model']} b{r['batch']} 30%flops align {r['align']}: best member >= {need}x eager{layout}",
                         "value": f"{sp:.2f}x", "ok": sp >= need if r["batch"] in (1, 32) else None})
             fold = (b.get("folded") or {}).get("speedup")
             if fold is not None:
@@ -294,18 +300,19 @@ def floors(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"bench_speedup on {meta['device_name']}, {meta['threads']} threads, {meta['clock']} clock; "
+    lines = [f"bench_speedup on {meta['device_name']}, {meta['threads']} threads, {meta['clock']} clock, "
+             f"{meta.get('memory_format', 'contiguous')} layout (the search's target and the eager columns); "
              f"load average {meta['loadavg_start']} -> {meta['loadavg_end']}, contention probe "
              f"{meta['cpu_share_start']:.2f} -> {meta['cpu_share_end']:.2f} (1.00 = an idle core)", "",
              "| model | batch | budget | align | original | best member | FLOPs | speed-up eager | eager, BN folded | "
              "eager, folded, channels-last | speed-up ONNX | fastest | "
-             "est. error (speed-up) | est. error (abs.) | members over budget |",
-             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "est. error (speed-up) | est. error (abs.) | members over budget | left the front |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = r["best"] or {}
         if r.get("unreachable"):
             lines.append(f"| {r['model']} | {r['batch']} | {r['budget']} | {r['align']} | unreachable: "
-                         f"{r['unreachable'].split(': ', 1)[-1]} |||||||||||")
+                         f"{r['unreachable'].split(': ', 1)[-1]} ||||||||||||")
             continue
         onnx = (b.get("onnx") or {}).get("speedup")
         fold = (b.get("folded") or {}).get("speedup")
@@ -316,7 +323,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{b.get('summary', '-')} | {fmt(b.get('flops_ratio'), '.1%')} | {fmt(b.get('speedup'), '.2f')}x | {fmt(fold, '.2f')}x | "
             f"{fmt(cl, '.2f')}x | {fmt(onnx, '.2f')}x | "
             f"{fmt(r['fastest_speedup'], '.2f')}x | {fmt(r['median_speedup_estimate_error'], '.1%')} | "
-            f"{fmt(r['median_absolute_estimate_error'], '.1%')} | {r['breaches']}/{r['front_size']} |")
+            f"{fmt(r['median_absolute_estimate_error'], '.1%')} | {r['breaches']}/{r['front_size']} | {len(r.get('left_out') or [])} |")
     lines += ["", "| floor | value | met |", "|---|---:|---|"]
     for f in meta["floors"]:
         lines.append(f"| {f['what']} | {f['value']} | {'yes' if f['ok'] else ('n/a' if f['ok'] is None else 'NO')} |")
@@ -339,6 +346,9 @@ def main() -> int:
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--fold-bn", action="store_true",
                     help="compress the models' inference form: batch norms folded first (autorank.bn_folding), as the demo is")
+    ap.add_argument("--channels-last", dest="memory_format", action="store_const", const="channels_last", default="contiguous",
+                    help="the search measures (and the eager columns time) both models with 4-D weights and inputs in "
+                         "channels-last (NHWC): `autorank search --channels-last`")
     ap.add_argument("--work", help="directory for run directories and caches (default: a temporary one)")
     ap.add_argument("--json", help="write the results here (default benchmarks/results/bench_speedup[_quick].json)")
     args = ap.parse_args()
@@ -355,7 +365,7 @@ def main() -> int:
         print(msg, flush=True)
 
     meta = {"device": args.device, "device_name": device_name(args.device), "threads": args.threads, "clock": args.clock,
-            "quick": args.quick, "fold_bn": args.fold_bn,
+            "quick": args.quick, "fold_bn": args.fold_bn, "memory_format": args.memory_format,
             "trials": args.trials, "torch": torch.__version__, "loadavg_start": os.getloadavg(),
             "cpu_share_start": contention_probe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     log(f"bench_speedup: {meta['device_name']}, {args.threads} threads, load {meta['loadavg_start']}, work {work}")

@@ -37,3 +37,27 @@ def mlp_task() -> FidelityTask:
     held_out = [torch.randn(1, 512, generator=g)] + [torch.randn(16, 512, generator=g)]
     train = [torch.randn(16, 512, generator=g) for _ in range(2)]
     return FidelityTask(train, held_out=held_out, metric="cosine", name="mlp-fidelity")
+
+
+#: the input of the CNN below
+CNN_INPUT_SHAPE = (1, 3, 16, 16)
+
+
+def wide_cnn() -> nn.Module:
+    """Two 128-wide 3x3 convolutions at 16x16 (38 MFLOPs each): a low-rank factorization of them is faster in either layout."""
+    g = torch.random.get_rng_state()
+    torch.manual_seed(5)
+    try:
+        return nn.Sequential(
+            nn.Conv2d(3, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+        ).eval()
+    finally:
+        torch.random.set_rng_state(g)
+
+
+def cnn_task() -> FidelityTask:
+    g = torch.Generator().manual_seed(0)
+    held_out = [torch.randn(*CNN_INPUT_SHAPE, generator=g), torch.randn(8, 3, 16, 16, generator=g)]
+    train = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
+    return FidelityTask(train, held_out=held_out, metric="cosine", name="cnn-fidelity")

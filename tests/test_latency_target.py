@@ -24,7 +24,7 @@ from autorank import Plan
 from autorank.cost.latency import device_ranks, grid_candidates, probe_ranks
 from autorank.cost.latency_table import LatencyTable, layer_signature
 from autorank.cost.profile import profile_model
-from autorank.cost.timing import DeviceError, LatencyError, default_threads, measure_side_by_side
+from autorank.cost.timing import DeviceError, LatencyError, default_threads, measure, measure_side_by_side
 from autorank.search import search
 from autorank.search.latency import FRONT_ROUNDS, LatencyTableMismatch, LatencyTarget, latency_job, measured_front
 from autorank.search.result import FrontMember, PickError, SearchResult
@@ -396,3 +396,56 @@ def test_demo_search_under_a_latency_budget_from_the_command_line(tmp_path):
     settings = json.loads((tmp_path / "runs" / "demo-50latency" / "settings.json").read_text())
     assert settings["latency"] == {"device": "cpu", "batch_size": 1, "threads": 1, "statistic": "min", "clock": "wall",
                                    "align": "auto"}
+
+
+# ---------------------------------------------------------------------- channels-last: measured (and deployed) in NHWC
+def test_measure_in_channels_last_times_nhwc_and_gives_the_module_back_as_it_was():
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    seen = []
+    conv.register_forward_pre_hook(lambda m, args: seen.append((args[0].is_contiguous(memory_format=torch.channels_last),
+                                                                 m.weight.is_contiguous(memory_format=torch.channels_last))))
+    x = torch.randn(2, 8, 12, 12)
+    t = measure(conv, x, threads=1, repeats=3, warmup=1, memory_format="channels-last")
+    assert t.median > 0 and seen and all(a and w for a, w in seen)
+    assert conv.weight.is_contiguous() and x.is_contiguous()  # converted back / never touched
+    seen.clear()
+    measure(conv, x, threads=1, repeats=3, warmup=1)
+    assert seen and not any(a for a, _ in seen)
+    with pytest.raises(LatencyError, match="memory format must be contiguous or channels-last, got 'nhwc'"):
+        measure(conv, x, memory_format="nhwc")
+
+
+def test_a_channels_last_table_is_another_configuration(tmp_path):
+    nchw = LatencyTable(tmp_path, threads=1)
+    nhwc = LatencyTable(tmp_path, threads=1, memory_format="channels_last")
+    assert "memory_format" not in nchw.validity and nhwc.validity["memory_format"] == "channels_last"
+    assert nhwc.key != nchw.key and nhwc.path.name.endswith(f"-nhwc-{nhwc.key}.json")
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    nhwc.measure_layer(conv, (1, 8, 12, 12))
+    back = LatencyTable.from_dict(nhwc.to_dict(), tmp_path)
+    assert back.memory_format == "channels_last" and back.key == nhwc.key and len(back) == 1
+    assert LatencyTarget.make("cpu", 1, 1).to_dict() == {"device": "cpu", "batch_size": 1, "threads": 1, "statistic": "min",
+                                                          "clock": "wall"}  # unchanged for the default: old runs resume
+    assert "channels-last" in LatencyTarget.make("cpu", 1, 1, memory_format="channels-last").describe()
+
+
+def test_search_in_channels_last_measures_table_and_front_in_nhwc_from_the_command_line(tmp_path):
+    out, space = tmp_path / "run", tmp_path / "space.yaml"
+    space.write_text("methods: [svd]\nrho: [0.1, 0.25]\n")
+    args = ("search", "--model", "tests.latency_toys:wide_cnn", "--task", "tests.latency_toys:cnn_task", "--budget", "80%latency",
+            "--threads", "1", "--trials", "4", "--finetune", "0", "--sensitivity-points", "2", "--space", str(space),
+            "--out", str(out))
+    p = run_cli(*args, "--channels-last", cwd=tmp_path, env={"AUTORANK_CACHE_DIR": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "channels-last" in " ".join(p.stdout.split())
+    info = json.loads((out / "latency.json").read_text())
+    assert info["validity"]["memory_format"] == "channels_last" and info["target"]["memory_format"] == "channels_last"
+    front = json.loads((out / "front.json").read_text())
+    assert front["latency"]["memory_format"] == "channels_last" and front["front"]
+    assert json.loads((out / "settings.json").read_text())["latency"]["memory_format"] == "channels_last"
+    # the same run directory with the default layout is another search: refused in one line, nothing touched
+    before = sorted(p.name for p in (out / "trials").glob("*.json"))
+    p = run_cli(*args, "-q", cwd=tmp_path, env={"AUTORANK_CACHE_DIR": str(tmp_path / "cache")})
+    assert p.returncode == 2 and len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr[-2000:]
+    assert "memory_format 'channels_last' there, None here" in p.stderr and "--channels-last" in p.stderr
+    assert sorted(p.name for p in (out / "trials").glob("*.json")) == before

@@ -214,7 +214,8 @@ def cmd_profile(args) -> int:
     err = get_console(stderr=True)
     table = None
     if not args.no_latency:
-        target = LatencyTarget.make(args.device, bs, args.threads, model=model)
+        target = LatencyTarget.make(args.device, bs, args.threads, model=model,
+                                    memory_format="channels_last" if args.channels_last else "contiguous")
         space = SearchSpace.load(args.space) if args.latency else None
         with _table_progress(err, args.json, f"measuring latency on {args.device}") as progress:
             table, base_prof, break_even = profile_table(model, x, target, space=space, progress=progress)
@@ -333,6 +334,8 @@ def add_commands(sub) -> None:
     pr.add_argument("--device", default="cpu", help="where to measure latency: cpu, cuda, cuda:N (default cpu)")
     pr.add_argument("--batch-size", type=int, help="batch size for the measurement (default: the input's)")
     pr.add_argument("--threads", type=int, help="CPU threads during measurement (default: the machine's physical cores, as a search)")
+    pr.add_argument("--channels-last", action="store_true",
+                    help="measure with 4-D weights and inputs in channels-last (NHWC), as `autorank search --channels-last`")
     pr.add_argument("--latency", action="store_true",
                     help="also measure every replacement of the search space's grid and show each method's latency break-even "
                          "rank (the search reads the same table)")

@@ -168,7 +168,7 @@ def cmd_search(args) -> int:
             training=training,
             warm_start=not args.no_warm_start, sensitivity_points=args.sensitivity_points, executor=executor, progress=prog,
             cache_dir=args.cache_dir, sensitivity_mode=args.sensitivity, device=args.device, batch_size=args.batch_size,
-            threads=args.threads, align=_align(args.align),
+            threads=args.threads, align=_align(args.align), memory_format="channels_last" if args.channels_last else None,
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -280,6 +280,8 @@ def _print_front(result, console) -> None:
         node = where.get("node_ip") or where.get("host")
         n = lat.get("threads_used") or lat.get("threads")
         threads = f"{n} thread{'' if n == 1 else 's'}" if n else "default threads"
+        if lat.get("memory_format") == "channels_last":
+            threads += ", channels-last"
         console.print(f"original model latency: {_ms(result.original_latency_s)}; every latency measured end to end, side by side, "
                       f"on {lat.get('device_name') or lat.get('device', '?')} ({lat.get('device', '?')}, batch {lat.get('batch_size', 1)}, "
                       f"{threads}{', node ' + str(node) if node else ''}; {lat.get('statistic', 'median')} of the timed samples); "
@@ -426,6 +428,9 @@ def add_commands(sub) -> None:
     s.add_argument("--batch-size", type=int, metavar="B", help="batch size of every latency measurement (default 1)")
     s.add_argument("--threads", type=int, metavar="T", help="CPU threads of every latency measurement (default: the target "
                                                             "machine's physical cores)")
+    s.add_argument("--channels-last", action="store_true",
+                   help="measure every latency with the models' 4-D weights and inputs in channels-last (NHWC), the layout "
+                        "a CNN is fastest in on a CPU; deploy the picked model the same way")
     s.add_argument("--align", metavar="MODE", help="rank alignment: auto (to the device's measured latency steps under a "
                                                    "latency budget; default), device (under any budget), none, or a multiple such as 8")
     s.set_defaults(func=cmd_search)

@@ -191,6 +191,7 @@ def build_table(
     threads: Optional[int] = None,
     directory: Union[str, os.PathLike, None] = None,
     clock: str = "wall",
+    memory_format: str = "contiguous",
 ) -> LatencyTable:
     """Measure what ``table`` lacks: the base model, each candidate's dense layer, and each (method, rank).
 
@@ -212,7 +213,7 @@ def build_table(
     if table is None:
         table = LatencyTable(
             directory, device=device, dtype=model_dtype(model), threads=threads,
-            batch_size=batch_size if batch_size is not None else profile_batch, clock=clock,
+            batch_size=batch_size if batch_size is not None else profile_batch, clock=clock, memory_format=memory_format,
         )
     elif batch_size is not None and batch_size != table.batch_size:
         raise LatencyError(f"batch size {batch_size} differs from the table's ({table.batch_size}); pass a table for batch {batch_size}")

@@ -123,7 +123,7 @@ def calibrate(model: nn.Module, profile: Any, table: LatencyTable, plans: Sequen
     inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in (inputs if isinstance(inputs, tuple) else (inputs,)))
     timings = measure_side_by_side(modules, inputs, device=dev, threads=table.threads, rounds=rounds, warmup=table.warmup,
                                    repeats=max(3, table.repeats // 2), min_time=table.min_time, clock=table.clock,
-                                   max_time=table.max_time)
+                                   max_time=table.max_time, memory_format=table.memory_format)
     stat = table.statistic
     original = timings.pop("original")
     base = getattr(original, stat)

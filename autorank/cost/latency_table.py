@@ -29,7 +29,15 @@ import torch
 from torch import nn
 
 from autorank import methods as registry
-from autorank.cost.timing import LatencyError, Timing, device_name, measure, omp_wait_policy, resolve_device
+from autorank.cost.timing import (
+    LatencyError,
+    Timing,
+    device_name,
+    measure,
+    memory_format_name,
+    omp_wait_policy,
+    resolve_device,
+)
 from autorank.methods._base import Rank
 from autorank.methods._layers import LayerSpec, layer_kind, layer_spec
 
@@ -197,13 +205,15 @@ class LatencyTable:
         statistic: str = "median",
         max_time: Optional[float] = None,
         wait_policy: Optional[str] = None,
+        memory_format: str = "contiguous",
     ) -> None:
         """``device_name_override`` and ``torch_version`` name a configuration other than this
         machine's, to read a table measured elsewhere (see :meth:`open`); such a table cannot be
         added to here. ``statistic``: what :meth:`get` returns of each entry's timing, ``median``
         or ``min`` (every entry keeps both: it is a reading, not part of the validity key).
         ``wait_policy``: the OpenMP wait policy of a CPU table measured elsewhere (default: this
-        process's; ``""``: a table that recorded none)."""
+        process's; ``""``: a table that recorded none). ``memory_format``: ``channels_last``
+        measures every layer and model with NHWC weights and inputs (part of the validity key)."""
         if statistic not in STATISTICS:
             raise LatencyError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
         self.statistic = statistic
@@ -225,6 +235,7 @@ class LatencyTable:
         if clock not in ("wall", "cpu"):
             raise LatencyError(f"clock must be 'wall' or 'cpu', got {clock!r}")
         self.clock = clock
+        self.memory_format = memory_format_name(memory_format)
         self.directory = Path(directory) if directory is not None else default_table_dir()
         self.validity = {
             "device_name": self.device_name,
@@ -237,10 +248,12 @@ class LatencyTable:
         policy = omp_wait_policy() if wait_policy is None else str(wait_policy)
         if policy and not self.device_name.startswith("cuda"):  # CPU threads wait as OMP_WAIT_POLICY says: part of the latency
             self.validity["omp_wait_policy"] = policy
+        if self.memory_format != "contiguous":  # (absent for the default: tables measured before the option keep their key)
+            self.validity["memory_format"] = self.memory_format
         self.key = hashlib.blake2b(json.dumps(self.validity, sort_keys=True).encode(), digest_size=8).hexdigest()
         self.path = self.directory / (
             f"{_slug(self.device_name)}-{self.validity['dtype']}-t{self.threads}-b{self.batch_size}"
-            f"{'-cpuclock' if self.clock == 'cpu' else ''}-{self.key}.json"
+            f"{'-cpuclock' if self.clock == 'cpu' else ''}{'-nhwc' if self.memory_format == 'channels_last' else ''}-{self.key}.json"
         )
         self.entries: dict[str, dict[str, Any]] = {}
         self.models: dict[str, dict[str, Any]] = {}
@@ -277,7 +290,7 @@ class LatencyTable:
                 directory, device=str((data.get("measured_on") or {}).get("device", "cpu")), dtype=v["dtype"],
                 threads=int(v["threads"]), batch_size=int(v["batch_size"]), clock=v.get("clock", "wall"),
                 device_name_override=str(v["device_name"]), torch_version=str(v["torch"]), statistic=statistic,
-                wait_policy=str(v.get("omp_wait_policy", "")),
+                wait_policy=str(v.get("omp_wait_policy", "")), memory_format=str(v.get("memory_format", "contiguous")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LatencyError(f"{where}: malformed validity key {dict(v)!r}: {exc}") from None
@@ -501,7 +514,7 @@ class LatencyTable:
     def _timing(self, module: nn.Module, x: torch.Tensor, dev: torch.device) -> Timing:
         return measure(
             module, x, device=dev, warmup=self.warmup, repeats=self.repeats, threads=self.threads,
-            min_time=self.min_time, clock=self.clock, max_time=self.max_time,
+            min_time=self.min_time, clock=self.clock, max_time=self.max_time, memory_format=self.memory_format,
         )
 
     def measure_layer(
@@ -572,7 +585,7 @@ class LatencyTable:
         dev = self._check_can_measure()
         return measure(
             model, inputs, device=dev, warmup=max(2, self.warmup), repeats=self.repeats, threads=self.threads,
-            min_time=max(self.min_time, 0.25), clock=self.clock, max_time=self.max_time,
+            min_time=max(self.min_time, 0.25), clock=self.clock, max_time=self.max_time, memory_format=self.memory_format,
         )
 
 

@@ -26,8 +26,12 @@ from autorank.errors import AutorankError
 
 __all__ = [
     "DeviceError", "LatencyError", "Timing", "measure", "measure_side_by_side", "device_name", "resolve_device",
-    "combine_timings", "default_threads", "cpu_share",
+    "combine_timings", "default_threads", "cpu_share", "MEMORY_FORMATS", "memory_format_name", "to_memory_format",
 ]
+
+#: how a model's 4-D weights and inputs are laid out when it is measured (and deployed): PyTorch's default NCHW
+#: (``contiguous``) or NHWC (``channels_last``: where oneDNN's CPU convolutions need no layout conversion)
+MEMORY_FORMATS = ("contiguous", "channels_last")
 
 #: a timed sample on CPU/GPU is at least this long: tiny layers are called several times per sample
 _TARGET_SAMPLE_S = 1e-3
@@ -41,6 +45,22 @@ class DeviceError(AutorankError, ValueError):
 
 class LatencyError(AutorankError, ValueError):
     """A latency that cannot be measured or looked up (missing table entry, meta-device module, ...)."""
+
+
+def memory_format_name(name: Any) -> str:
+    """``contiguous`` or ``channels_last`` (``channels-last`` accepted); LatencyError naming the value otherwise."""
+    text = str(name).replace("-", "_") if isinstance(name, str) else None
+    if text not in MEMORY_FORMATS:
+        raise LatencyError(f"memory format must be contiguous or channels-last, got {name!r}")
+    return text
+
+
+def to_memory_format(module: Optional[nn.Module], args: tuple, name: str) -> tuple:
+    """Lay out ``module``'s 4-D weights (in place) and ``args``' 4-D tensors as ``name`` says; returns the new args."""
+    fmt = torch.channels_last if memory_format_name(name) == "channels_last" else torch.contiguous_format
+    if module is not None:
+        module.to(memory_format=fmt)
+    return tuple(a.contiguous(memory_format=fmt) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
 
 
 # ---------------------------------------------------------------------- devices
@@ -277,6 +297,7 @@ def measure(
     number: Optional[int] = None,
     clock: str = "wall",
     max_time: Optional[float] = None,
+    memory_format: str = "contiguous",
 ) -> Timing:
     """Time ``module(*inputs)`` on ``device``.
 
@@ -300,6 +321,9 @@ def measure(
     latency the layer would have on an idle core: on a shared, busy machine it
     leaves out the time the thread waited for a core.
 
+    ``memory_format``: ``channels_last`` times the module with its 4-D weights
+    and inputs in NHWC (converted back afterwards), as a CNN deployed that way runs.
+
     Raises :class:`DeviceError` for a device this machine does not have.
     """
     dev = resolve_device(device)
@@ -307,6 +331,7 @@ def measure(
     if warmup < 0 or repeats < 1:
         raise LatencyError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     args = _as_args(inputs)
+    nhwc = memory_format_name(memory_format) == "channels_last"
     if any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
         raise LatencyError(f"{type(module).__name__} has tensors on the meta device; load or initialise its weights first")
     home = _module_device(module)
@@ -316,10 +341,14 @@ def measure(
             module.to(dev)
             module.eval()
             args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
+            if nhwc:
+                args = to_memory_format(module, args, "channels_last")
             on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
             with torch.inference_mode(), on_device:
                 samples, used_number = _time_calls(lambda: module(*args), dev, warmup, repeats, min_time, number, clock, max_time)
         finally:
+            if nhwc:
+                module.to(memory_format=torch.contiguous_format)
             if home is not None and home != dev:
                 module.to(home)
             module.train(was_training)
@@ -439,6 +468,7 @@ def measure_side_by_side(
     min_time: float = 0.05,
     clock: str = "wall",
     max_time: Optional[float] = None,
+    memory_format: str = "contiguous",
 ) -> dict[Any, Timing]:
     """Time several modules on the same inputs, interleaved: ``rounds`` rounds, each timing every module once.
 
@@ -449,6 +479,7 @@ def measure_side_by_side(
     original (their ratio is the speed-up it reports). With ``max_time``, a
     module whose first measurement shows that ``warmup + repeats`` calls take
     longer is timed by one call per later round (a whole model at batch 32).
+    ``memory_format``: as in :func:`measure`.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise LatencyError(f"rounds must be a positive integer, got {rounds!r}")
@@ -460,10 +491,10 @@ def measure_side_by_side(
         for k in keys[shift:] + keys[:shift]:
             if k in slow:
                 per[k].append(measure(modules[k], inputs, device=device, warmup=0, repeats=1, threads=threads, min_time=0.0,
-                                      number=1, clock=clock))
+                                      number=1, clock=clock, memory_format=memory_format))
                 continue
             t = measure(modules[k], inputs, device=device, warmup=warmup, repeats=repeats, threads=threads,
-                        min_time=min_time, clock=clock, max_time=max_time)
+                        min_time=min_time, clock=clock, max_time=max_time, memory_format=memory_format)
             per[k].append(t)
             if max_time is not None and t.median * (warmup + repeats) > max_time:
                 slow.add(k)

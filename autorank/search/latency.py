@@ -51,7 +51,7 @@ from autorank.cost.latency import (
 from autorank.cost.latency_calibration import calibrate, calibration_plans
 from autorank.cost.latency_table import STATISTICS, LatencyTable, model_signature
 from autorank.cost.profile import profile_model
-from autorank.cost.timing import LatencyError, cpu_share, default_threads, measure_side_by_side, resolve_device
+from autorank.cost.timing import LatencyError, cpu_share, default_threads, measure_side_by_side, memory_format_name, resolve_device
 from autorank.saving import load
 from autorank.search.space import LayerChoice
 from autorank.zoo import example_input, load_model
@@ -122,10 +122,13 @@ class LatencyTarget:
     #: ``wall`` (elapsed time, the default) or ``cpu`` (the measuring thread's CPU time: the latency on an idle core,
     #: for one thread on a CPU only; what a machine shared with other jobs can still measure)
     clock: str = "wall"
+    #: ``contiguous`` (PyTorch's default NCHW) or ``channels_last``: the layout a CNN is measured, and deployed, in
+    memory_format: str = "contiguous"
 
     @classmethod
     def make(cls, device: Optional[str], batch_size: Optional[int], threads: Optional[int], task: Any = None,
-             statistic: str = "min", clock: str = "wall", model: Any = None) -> "LatencyTarget":
+             statistic: str = "min", clock: str = "wall", model: Any = None, memory_format: str = "contiguous"
+             ) -> "LatencyTarget":
         """Checked settings; ``device`` None: the task's device (else cpu), ``batch_size`` None: 1, ``threads``
         None on a CPU: what the task or model declares (:func:`declared_threads`), else the machine's default."""
         dev = str(device if device is not None else (getattr(task, "device", None) or "cpu"))
@@ -146,18 +149,22 @@ class LatencyTarget:
             raise LatencyError(f"latency statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
         if clock not in ("wall", "cpu") or (clock == "cpu" and (kind != "cpu" or threads != 1)):
             raise LatencyError(f"clock {clock!r}: use wall, or cpu with device cpu and threads 1 (got {dev}, threads {threads})")
-        return cls(dev, int(bs), threads, statistic=statistic, clock=clock)
+        return cls(dev, int(bs), threads, statistic=statistic, clock=clock, memory_format=memory_format_name(memory_format))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads, "statistic": self.statistic,
-                "clock": self.clock}
+        out = {"device": self.device, "batch_size": self.batch_size, "threads": self.threads, "statistic": self.statistic,
+               "clock": self.clock}
+        if self.memory_format != "contiguous":  # (absent for the default: run directories made before it resume)
+            out["memory_format"] = self.memory_format
+        return out
 
     def job(self) -> dict[str, Any]:
         """The settings a latency job needs (:meth:`to_dict`, rounds and the time bound)."""
         return {**self.to_dict(), "rounds": self.rounds, "max_time": self.max_time}
 
     def describe(self) -> str:
-        return f"{self.device}, batch {self.batch_size}, {self.threads if self.threads else 'default'} threads"
+        return (f"{self.device}, batch {self.batch_size}, {self.threads if self.threads else 'default'} threads"
+                + (", channels-last" if self.memory_format == "channels_last" else ""))
 
 
 # ---------------------------------------------------------------------- the jobs (run on the target)
@@ -181,7 +188,7 @@ def _table_job(model: nn.Module, payload: Mapping[str, Any], progress: Optional[
     profile = profile_model(model, example)
     table = LatencyTable(payload.get("table_dir"), device=device, dtype=model_dtype(model), threads=threads, batch_size=bs,
                          clock=payload.get("clock", "wall"), statistic=payload.get("statistic", "median"),
-                         max_time=payload.get("max_time"))
+                         max_time=payload.get("max_time"), memory_format=payload.get("memory_format", "contiguous"))
     expect = payload.get("expect")
     if expect:
         _check_same(expect, table.validity, payload.get("run_dir", "the run directory"))
@@ -235,7 +242,8 @@ def _check_same(expect: Mapping[str, Any], here: Mapping[str, Any], run_dir: str
     diffs = [f"{k} {expect.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(expect) | set(here)) if expect.get(k) != here.get(k)]
     raise LatencyTableMismatch(
         f"{run_dir} holds a latency table measured on {expect.get('device_name')!r}, not on this target "
-        f"({'; '.join(diffs)}); resume with the same --device, --batch-size and --threads on the same hardware, or use another --out"
+        f"({'; '.join(diffs)}); resume with the same --device, --batch-size, --threads and --channels-last (or not) on the same hardware, "
+        "or use another --out"
     )
 
 
@@ -248,7 +256,8 @@ def _front_job(model: nn.Module, payload: Mapping[str, Any]) -> dict[str, Any]:
         modules[str(m["trial"])] = load(m["weights"], model=model).to(dev)
     inputs = to_device(inputs, dev)
     timings = measure_side_by_side(modules, inputs, device=dev, threads=threads, rounds=int(payload.get("rounds", 5)),
-                                   clock=payload.get("clock", "wall"), max_time=payload.get("max_time"))
+                                   clock=payload.get("clock", "wall"), max_time=payload.get("max_time"),
+                                   memory_format=payload.get("memory_format", "contiguous"))
     t = timings.pop("original")
     return {
         "original": t.to_dict(), "members": {k: v.to_dict() for k, v in timings.items()}, "device_name": t.device,
@@ -465,7 +474,8 @@ def profile_table(model: nn.Module, example: Any, target: LatencyTarget, *, spac
     example = example if isinstance(example, tuple) else (example,)
     prof = profile_model(model, example)
     table = LatencyTable(table_dir, device=target.device, dtype=model_dtype(model), threads=target.threads or default_threads(),
-                         batch_size=target.batch_size, statistic=target.statistic, max_time=target.max_time, clock=target.clock)
+                         batch_size=target.batch_size, statistic=target.statistic, max_time=target.max_time, clock=target.clock,
+                         memory_format=target.memory_format)
     grid: dict[str, list[tuple[str, float]]] = {}
     if space is not None:
         grid = search_grid(space.choices(prof))
@@ -513,6 +523,7 @@ def profile_latency_job(
     rhos: Sequence[float] = DEFAULT_RHOS,
     clock: str = "wall",
     include_table: bool = False,
+    memory_format: str = "contiguous",
 ) -> dict[str, Any]:
     """Measure a model's latency table on this worker, from JSON-able arguments alone.
 
@@ -536,7 +547,8 @@ def profile_latency_job(
     profile = profile_model(model, x)
     parsed = _parse_candidates(candidates) or default_candidates(profile, rhos)
     table = LatencyTable(
-        table_dir, device=device, dtype=model_dtype(model), threads=threads, batch_size=int(batch_size), clock=clock
+        table_dir, device=device, dtype=model_dtype(model), threads=threads, batch_size=int(batch_size), clock=clock,
+        memory_format=memory_format,
     )
     t0 = time.perf_counter()
     build_table(model, profile, parsed, table=table, example_inputs=x)
@@ -574,6 +586,7 @@ def profile_latency_job(
         "threads": table.threads,
         "batch_size": table.batch_size,
         "clock": table.clock,
+        "memory_format": table.memory_format,
         "input_shape": list(shape),
         "table_key": table.key,
         "table_path": str(table.path),

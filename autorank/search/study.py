@@ -111,6 +111,7 @@ def search(
     threads: Optional[int] = None,
     align: Union[str, int, None] = "auto",
     latency_target: Optional[LatencyTarget] = None,
+    memory_format: Optional[str] = None,
 ):
     """Search per-layer methods and ranks for ``model`` under ``budget``; returns a :class:`SearchResult`.
 
@@ -147,9 +148,13 @@ def search(
     the executor's ``resources``. ``align``: ``auto`` (ranks snapped to the
     device's latency steps under a latency budget, unless the space fixes a
     multiple), ``device`` (the same under any budget: measures the table),
-    ``none``, or a multiple such as 8 (overrides the space's). ``latency_target``:
+    ``none``, or a multiple such as 8 (overrides the space's). ``memory_format``:
+    ``channels_last`` measures every latency with the models' 4-D weights and
+    inputs in NHWC, the layout a CNN deployed on a CPU is fastest in (default
+    ``contiguous``, PyTorch's NCHW); deploy the chosen member the same way
+    (``model.to(memory_format=torch.channels_last)``). ``latency_target``:
     all of these settings at once, and more (:class:`~autorank.search.latency.LatencyTarget`:
-    the statistic, the clock, the front's rounds), instead of the three arguments.
+    the statistic, the clock, the front's rounds), instead of the four arguments.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t_start = time.perf_counter()
@@ -184,9 +189,10 @@ def search(
     except AutorankError as exc:
         raise SearchError(str(exc)) from None
     steps, ft_time = _finetune_budget(finetune_steps, finetune_time, space.training, task)
-    if latency_target is not None and (device, batch_size, threads) != (None, None, None):
-        raise SearchError("give either latency_target or device / batch_size / threads, not both")
-    target = latency_target or LatencyTarget.make(device, batch_size, threads, task, model=model)
+    if latency_target is not None and (device, batch_size, threads, memory_format) != (None, None, None, None):
+        raise SearchError("give either latency_target or device / batch_size / threads / memory_format, not both")
+    target = latency_target or LatencyTarget.make(device, batch_size, threads, task, model=model,
+                                                  memory_format=memory_format or "contiguous")
     needs_table = budget.needs_latency or (align == "device" and space.align is None)
     executor = executor or InProcessExecutor()
     if needs_table or measure_latency:  # a device this machine (or the cluster) lacks fails now, not after the trials
