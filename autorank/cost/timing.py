@@ -479,11 +479,29 @@ def measure_side_by_side(
     original (their ratio is the speed-up it reports). With ``max_time``, a
     module whose first measurement shows that ``warmup + repeats`` calls take
     longer is timed by one call per later round (a whole model at batch 32).
-    ``memory_format``: as in :func:`measure`.
+    ``memory_format``: as in :func:`measure`; the modules and inputs are laid out once, before
+    the first round (a fresh copy of the weights per round would add oneDNN's weight reordering
+    to the first call of every round: a one-call round then measures it).
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise LatencyError(f"rounds must be a positive integer, got {rounds!r}")
     keys = list(modules)
+    nhwc = memory_format_name(memory_format) == "channels_last"
+    if nhwc:
+        inputs = to_memory_format(None, _as_args(inputs), "channels_last")
+        for m in modules.values():
+            m.to(memory_format=torch.channels_last)
+    try:
+        return _side_by_side(modules, keys, inputs, device, threads, rounds, warmup, repeats, min_time, clock, max_time)
+    finally:
+        if nhwc:
+            for m in modules.values():
+                m.to(memory_format=torch.contiguous_format)
+
+
+def _side_by_side(modules: Mapping[Any, nn.Module], keys: list, inputs: Any, device: Union[str, torch.device],
+                  threads: Optional[int], rounds: int, warmup: int, repeats: int, min_time: float, clock: str,
+                  max_time: Optional[float]) -> dict[Any, Timing]:
     per: dict[Any, list[Timing]] = {k: [] for k in keys}
     slow: set = set()
     for i in range(rounds):
@@ -491,10 +509,10 @@ def measure_side_by_side(
         for k in keys[shift:] + keys[:shift]:
             if k in slow:
                 per[k].append(measure(modules[k], inputs, device=device, warmup=0, repeats=1, threads=threads, min_time=0.0,
-                                      number=1, clock=clock, memory_format=memory_format))
+                                      number=1, clock=clock))
                 continue
             t = measure(modules[k], inputs, device=device, warmup=warmup, repeats=repeats, threads=threads,
-                        min_time=min_time, clock=clock, max_time=max_time, memory_format=memory_format)
+                        min_time=min_time, clock=clock, max_time=max_time)
             per[k].append(t)
             if max_time is not None and t.median * (warmup + repeats) > max_time:
                 slow.add(k)
