@@ -443,6 +443,12 @@ def test_search_in_channels_last_measures_table_and_front_in_nhwc_from_the_comma
     front = json.loads((out / "front.json").read_text())
     assert front["latency"]["memory_format"] == "channels_last" and front["front"]
     assert json.loads((out / "settings.json").read_text())["latency"]["memory_format"] == "channels_last"
+    p = run_cli("export", str(out), "--pick", "best", "-o", str(tmp_path / "m.pt"), "--model", "tests.latency_toys:wide_cnn",
+                cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "measured in channels-last: serve it so" in " ".join(p.stdout.split())
+    sidecar = json.loads(next(tmp_path.glob("m.pt*.json")).read_text())
+    assert sidecar["metadata"]["latency_measured_as"]["memory_format"] == "channels_last", sidecar
     # the same run directory with the default layout is another search: refused in one line, nothing touched
     before = sorted(p.name for p in (out / "trials").glob("*.json"))
     p = run_cli(*args, "-q", cwd=tmp_path, env={"AUTORANK_CACHE_DIR": str(tmp_path / "cache")})

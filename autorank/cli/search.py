@@ -371,6 +371,9 @@ def cmd_export(args) -> int:
                   f"[{args.format}]; metadata in {report.sidecar}")
     if report.checked and report.max_abs_diff is not None:
         console.print(f"checked against PyTorch: max abs difference {report.max_abs_diff:.2e} (tolerance {report.tolerance})")
+    if (result.latency or {}).get("memory_format") == "channels_last":
+        console.print("its latency was measured in channels-last: serve it so, model.to(memory_format=torch.channels_last) "
+                      "and inputs x.contiguous(memory_format=torch.channels_last)")
     return 0
 
 

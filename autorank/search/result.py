@@ -245,6 +245,9 @@ class SearchResult:
             example_inputs = _example_inputs(self.run_dir, self.trust_spec, format)
         meta = {"plan": member.plan.to_dict(), "metrics": {k: v for k, v in member.to_dict().items() if k != "plan"},
                 "source_run": str(Path(self.run_dir).resolve()), "trial": member.trial, "budget": self.budget}
+        if self.latency:  # how the latencies above were measured: deploy it so (device, batch, threads, layout)
+            meta["latency_measured_as"] = {k: self.latency.get(k) for k in ("device", "device_name", "batch_size", "threads_used")}
+            meta["latency_measured_as"]["memory_format"] = self.latency.get("memory_format", "contiguous")
         spec = model.__dict__.get("_autorank_spec")
         return export_model(model, path, format=format, example_inputs=example_inputs, force=force, metadata=meta, spec=spec)
 

@@ -310,7 +310,8 @@ def search(
             if measure_latency and result.front:
                 def rebuild(over: set[int]):
                     res = build_front(run, study, cost, budget, base, layers=set(choices), over=over)
-                    if any(m.weights is None for m in res.front):  # a member new to the front: workers save its weights
+                    if any(not m.weights or not (run.path / m.weights).exists() for m in res.front):  # new to the front:
+                        # the workers (released for the measurement) start again to save its weights
                         executor.start(original, task, calibrate=calibrate, cache_dir=cache_dir, setup=False,
                                        model_spec=model_spec, task_spec=task_spec)
                         materialize_front(res, run, _StopOnFullDisk(executor), model_spec)
