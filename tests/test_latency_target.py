@@ -118,6 +118,22 @@ def test_calibration_fit_recovers_the_factor_and_the_cost_of_an_added_operator()
     assert c == 0.0 and k > 0
 
 
+def test_calibration_fits_one_factor_per_method_when_the_methods_differ():
+    """Tucker-2 keeping half of its measured-alone saving in the model, SVD 90%: one factor each, recovered."""
+    from autorank.cost.latency_calibration import _fit_per_method
+
+    changes = [{"svd": -0.02}, {"tucker2": -0.03}, {"svd": -0.01, "tucker2": -0.01}, {"svd": -0.03, "tucker2": -0.005},
+               {"svd": -0.005, "tucker2": -0.02}]
+    points = [(sum(ch.values()), 10, 0.9 * ch.get("svd", 0) + 0.5 * ch.get("tucker2", 0) + 1e-5 * 10) for ch in changes]
+    scales = _fit_per_method(changes, points, 1e-5)
+    assert scales == {"svd": pytest.approx(0.9), "tucker2": pytest.approx(0.5)}
+    assert _fit_per_method(changes[:3], points[:3], 1e-5) is None  # fewer plans than methods + 2: one factor for all
+    assert _fit_per_method([{"svd": -0.02}, {"svd": -0.01}] * 3, points[:6], 0.0) is None  # one method only
+    lopsided = [{"svd": -0.02, "tucker2": -0.02}, {"svd": -0.01, "tucker2": -0.01}, {"svd": -0.03, "tucker2": -0.03},
+                {"svd": -0.04, "tucker2": -0.04}]  # the two always change together: not separable
+    assert _fit_per_method(lopsided, [(-0.04, 1, -0.03)] * 4, 0.0) is None
+
+
 def test_a_calibrated_table_scales_the_estimate_and_keeps_a_reserve_below_a_latency_budget(tmp_path):
     from autorank.cost.budget import parse_budget
     from autorank.cost.cost_model import CostModel
@@ -132,6 +148,9 @@ def test_a_calibrated_table_scales_the_estimate_and_keeps_a_reserve_below_a_late
     table.models[f"calibration|{model_signature(prof, 1)}"] = {"scale": 1.5, "per_op": 1e-5, "margin": 5e-5}
     # k · (16 µs − 100 µs) + c · (one operator added: two linears instead of one)
     assert estimate_latency(prof, {"0": ("svd", 16)}, table) == pytest.approx(1e-3 + 1.5 * (16e-6 - 1e-4) + 1e-5)
+    table.models[f"calibration|{model_signature(prof, 1)}"]["method_scales"] = {"svd": 0.75, "tucker2": 2.0}
+    assert estimate_latency(prof, {"0": ("svd", 16)}, table) == pytest.approx(1e-3 + 0.75 * (16e-6 - 1e-4) + 1e-5)
+    table.models[f"calibration|{model_signature(prof, 1)}"]["method_scales"] = None
     cost = CostModel(prof, parse_budget("50%latency"), latency=(table, 1e-3), margins={"latency": table.get_margin(model_signature(prof, 1))})
     assert cost.limits["latency"] == pytest.approx(0.5e-3 - 5e-5)
 

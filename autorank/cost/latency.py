@@ -314,7 +314,8 @@ def estimate_latency(
     else:
         base = base_latency.median if isinstance(base_latency, Timing) else float(base_latency)
     named = dict(model.named_modules()) if model is not None else {}
-    change, added = 0.0, 0
+    change: dict[str, float] = {}
+    added = 0
     for name, method, rank, options in _plan_items(plan):
         if method in ("none", None):
             continue
@@ -336,10 +337,11 @@ def estimate_latency(
                 dense = table.measure_layer(named[name], shape)
             if repl is None:
                 repl = table.measure_layer(named[name], shape, mname, concrete)
-        change += repl - dense
+        change[mname] = change.get(mname, 0.0) + repl - dense
         added += table.get_ops(sig, shape, mname, concrete) - table.get_ops(sig, shape)
     k, per_op = table.get_calibration(model_signature(profile, bs))
-    return base + k * change + per_op * added
+    scales = table.get_method_scales(model_signature(profile, bs))
+    return base + sum(scales.get(m, k) * d for m, d in change.items()) + per_op * added
 
 
 # ---------------------------------------------------------------------- device-aware ranks

@@ -484,6 +484,12 @@ class LatencyTable:
             return 1.0, 0.0
         return float(hit.get("scale", 1.0)), float(hit.get("per_op", 0.0))
 
+    def get_method_scales(self, signature: str) -> dict[str, float]:
+        """``{method: k}`` of the model under ``signature`` where the calibration fitted one factor per method
+        (then it replaces ``k`` for that method's layers); empty otherwise."""
+        hit = self.models.get(f"calibration|{signature}")
+        return {str(m): float(k) for m, k in ((hit or {}).get("method_scales") or {}).items()}
+
     def get_margin(self, signature: str) -> float:
         """Seconds a latency budget keeps in reserve for the model under ``signature`` (0 when not calibrated)."""
         hit = self.models.get(f"calibration|{signature}")
