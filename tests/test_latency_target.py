@@ -490,3 +490,14 @@ def test_side_by_side_in_channels_last_lays_the_weights_out_once_for_every_round
     for k, calls in seen.items():
         assert calls and all(nhwc for _, nhwc in calls) and len({p for p, _ in calls}) == 1, k
         assert convs[k].weight.is_contiguous()
+
+
+def test_profile_channels_last_measures_its_own_table(tmp_path):
+    p = run_cli("profile", "--model", "tests.latency_toys:wide_cnn", "--input", "1x3x16x16", "--channels-last", "--threads", "1",
+                "--json", cwd=tmp_path, env={"AUTORANK_CACHE_DIR": os.environ["AUTORANK_CACHE_DIR"]})
+    assert p.returncode == 0, p.stderr[-2000:]
+    table = json.loads(p.stdout)["latency_table"]
+    assert table["memory_format"] == "channels_last" and "-nhwc-" in Path(table["path"]).name
+    p = run_cli("profile", "--model", "tests.latency_toys:wide_cnn", "--input", "1x3x16x16", "--channels-last", "--threads", "1",
+                cwd=tmp_path, env={"AUTORANK_CACHE_DIR": os.environ["AUTORANK_CACHE_DIR"]})
+    assert p.returncode == 0 and "batch 1, channels-last; table" in " ".join(p.stdout.split()), p.stdout[-2000:]

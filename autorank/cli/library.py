@@ -231,7 +231,7 @@ def cmd_profile(args) -> int:
     if table is not None:
         data["device"], data["threads"] = table.device_name, table.threads
         data["latency_table"] = {"path": str(table.path), "entries": len(table), "new_measurements": table.measurements,
-                                 "statistic": table.statistic}
+                                 "statistic": table.statistic, "memory_format": table.memory_format}
     if budget is not None:
         data["budget"] = {"text": budget.text(), "words": budget.describe(), "smallest_reachable": smallest_reachable(prof)}
         check_reachable(budget, prof, latency=prof.latency)
@@ -272,8 +272,9 @@ def cmd_profile(args) -> int:
                   + ("; latency break-even: the largest measured rank faster than the dense layer on this device"
                      " (a search under a latency budget offers nothing above it)." if args.latency else "."))
     if table is not None:
+        layout = ", channels-last" if table.memory_format == "channels_last" else ""
         console.print(f"latency: {table.statistic} of the timed samples on {escape(table.device_name)}, {table.threads} thread(s), "
-                      f"batch {bs}; table {escape(str(table.path))} ({len(table)} entries, {table.measurements} measured now; "
+                      f"batch {bs}{layout}; table {escape(str(table.path))} ({len(table)} entries, {table.measurements} measured now; "
                       "a search on the same target reads it)")
     if budget is not None:
         reach = data["budget"]["smallest_reachable"]
