@@ -69,7 +69,9 @@ class FinetuneControl:
     ``time_s``: stop after this wall time; the learning rate then decays with the
     elapsed share of it (cosine) instead of the share of steps. ``lr``: overrides
     the task's learning rate. ``callback(step)``: called after every optimizer step
-    (1-based count); returning True stops the fine-tune.
+    (1-based count); returning True stops the fine-tune. ``extra_inputs``: distillation
+    batches beyond the task's own (augmented ones: a fidelity task labels them with the
+    teacher; a classification task, which needs labels, ignores them).
     """
 
     features: float = 0.0
@@ -80,6 +82,7 @@ class FinetuneControl:
     time_s: Optional[float] = None
     lr: Optional[float] = None
     callback: Optional[Callable[[int], bool]] = None
+    extra_inputs: Optional[list] = None
     #: share of the budget (steps or time) over which the learning rate warms up linearly
     warmup: float = 0.05
     #: filled while running: optimizer steps taken, seconds, why it stopped

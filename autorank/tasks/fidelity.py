@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,11 @@ class FidelityTask(BaseTask):
       classifier), otherwise ``cosine``. A plain tensor is never taken for logits:
       ask for ``"top1"`` explicitly for a classifier returning a tensor.
 
+    ``augmentation``: a callable ``(batch, fraction, generator) -> batch`` making new
+    distillation inputs from the given ones (the teacher labels them):
+    :class:`~autorank.tasks.augment.TokenReplacement` for token ids. Recovery asks for
+    such batches (:meth:`augmented_inputs`, the ``augment:`` option) when it is set.
+
     ``setup(original)`` records the original's outputs and keeps a frozen copy of
     it as the distillation teacher; it must be called before ``evaluate`` or
     ``finetune``. ``evaluate`` raises :class:`~autorank.errors.TaskError` when the
@@ -120,6 +125,7 @@ class FidelityTask(BaseTask):
         batch_size: Optional[int] = None,
         calibration: Any = None,
         calibration_batches: int = 4,
+        augmentation: Optional[Callable[[Any, float, torch.Generator], Any]] = None,
         name: str = "fidelity",
     ):
         metric = str(metric).strip().lower().replace("-", "")
@@ -155,6 +161,9 @@ class FidelityTask(BaseTask):
         self.optimizer = optimizer
         self.temperature = float(temperature)
         self.batch_size = batch_size
+        if augmentation is not None and not callable(augmentation):
+            raise TaskError(f"{name}: augmentation must be a callable (batch, fraction, generator) -> batch, got {augmentation!r}")
+        self.augmentation = augmentation
         self.name = name
         self._metric: Optional[str] = None if metric == "auto" else metric
         self._reference: Optional[list[torch.Tensor]] = None
@@ -184,6 +193,16 @@ class FidelityTask(BaseTask):
         """The distillation batches (inputs only), the first ``max_batches`` of them if given, on ``device``."""
         batches = self.train_batches if max_batches is None else self.train_batches[: int(max_batches)]
         return [to_device(b, self.device) for b in batches]
+
+    def augmented_inputs(self, n_batches: int, *, fraction: float, seed: int = 0) -> list:
+        """``n_batches`` new distillation batches made by ``augmentation`` from the distillation batches in turn
+        (seeded; on ``device``), or none when the task has no ``augmentation``
+        (:class:`~autorank.tasks.augment.TokenReplacement` for token inputs)."""
+        if self.augmentation is None or n_batches <= 0:
+            return []
+        gen = torch.Generator().manual_seed(int(seed))
+        n = len(self.train_batches)
+        return [to_device(self.augmentation(self.train_batches[i % n], fraction, gen), self.device) for i in range(int(n_batches))]
 
     def calibration_inputs(self) -> list:
         """The ``calibration`` batches given, else the first ``calibration_batches`` distillation batches."""
@@ -292,6 +311,17 @@ class FidelityTask(BaseTask):
             hit = self._targets[i] = out.detach().float()
         return hit
 
+    def _extra_target(self, i: int, batch: Any, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The teacher's output on an extra (augmented) distillation batch, computed once per fine-tune."""
+        hit = cache.get(i)
+        if hit is None:
+            if self._teacher is None:
+                raise TaskError(f"{self.name}: call setup(original_model) before finetune")
+            with torch.no_grad():
+                out, _ = self._outputs(self._teacher, batch, f"original model output on augmented batch {i}")
+            hit = cache[i] = out.detach().float()
+        return hit
+
     def _loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out = out.float()
         if self._metric == "top1":
@@ -336,7 +366,10 @@ class FidelityTask(BaseTask):
             opt = control.begin(lambda params, lr: make_optimizer(self.optimizer, params, lr), model, self.lr, distiller)
             sched = None
         gen = torch.Generator().manual_seed(int(seed))
-        n = len(self.train_batches)
+        extra = list(control.extra_inputs or ()) if control is not None else []
+        batches = self.train_batches + extra
+        extra_targets: dict[int, torch.Tensor] = {}  # the teacher's outputs on the extra batches, this call only
+        n = len(batches)
         order: list[int] = []
         model.train()
         try:
@@ -345,13 +378,13 @@ class FidelityTask(BaseTask):
                     if not order:
                         order = torch.randperm(n, generator=gen).tolist()
                     i = order.pop()
-                    target = self._target(i)
+                    target = self._target(i) if i < len(self.train_batches) else self._extra_target(i, batches[i], extra_targets)
                     teacher_features = None
                     if distiller is not None:
                         teacher_features = features.get(i)
                         if teacher_features is None:
                             with torch.no_grad():
-                                call(teacher, to_device(self.train_batches[i], self.device))
+                                call(teacher, to_device(batches[i], self.device))
                             teacher_features = distiller.take_teacher()
                             size = sum(t.numel() * t.element_size() for t in teacher_features.values())
                             if cached_bytes + size <= FEATURE_CACHE_BYTES:
@@ -359,7 +392,7 @@ class FidelityTask(BaseTask):
                                 cached_bytes += size
                     if control is not None:
                         control.set_lr(opt, step, steps)
-                    out, _ = self._outputs(model, self.train_batches[i], f"model output on training batch {i}")
+                    out, _ = self._outputs(model, batches[i], f"model output on training batch {i}")
                     if tuple(out.shape) != tuple(target.shape):
                         raise TaskError(
                             f"{self.name}: model output on training batch {i} has shape {tuple(out.shape)}, "

