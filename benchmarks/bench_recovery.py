@@ -61,8 +61,10 @@ ABLATIONS: dict[str, dict] = {
     "features 0 (output only)": {"distill": {"features": 0.0}},
     "features 0.5": {"distill": {"features": 0.5}},
     "fine-tune decomposed only": {"distill": {"trainable": "decomposed"}},
+    "no augmentation": {"augment": False},
     "no block-wise": {"blockwise": False},
-    "block-wise share 0.4": {"blockwise": {"share": 0.4}},
+    "block-wise share 0.7": {"blockwise": {"share": 0.7}},
+    "block-wise lr 3e-4, decomposed only": {"blockwise": {"lr": 3e-4, "trainable": "decomposed"}},
     "no re-fit": {"refit": False},
     "re-fit last factor only": {"refit": {"low_rank": False}},
     "re-fit ridge 0.01": {"refit": {"ridge": 0.01}},
@@ -95,9 +97,9 @@ def _resnet20_setting(steps: int = 400):
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "minilm-30": {"model": lambda: (autorank.load_model("minilm"), minilm_task(), "transformer"), "budget": "30%flops",
-                  "trials": 8, "time_s": 120.0},
+                  "trials": 8, "time_s": 300.0},
     "minilm-50": {"model": lambda: (autorank.load_model("minilm"), minilm_task(), "transformer"), "budget": "50%flops",
-                  "trials": 8, "time_s": 120.0},
+                  "trials": 8, "time_s": 300.0},
     "digits-30": {"model": lambda: (autorank.load_model("demo"), demo_task(), "default"), "budget": "30%flops",
                   "trials": 20, "time_s": 20.0},
     "resnet20-50": {"model": _resnet20_setting, "budget": "50%flops", "trials": 12, "time_s": 60.0},

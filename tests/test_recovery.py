@@ -375,7 +375,7 @@ def test_refit_stage_in_recover_and_its_report():
     assert report.score == (r["score"] if r["kept"] else zero) >= zero
     assert task.evaluate(out) == pytest.approx(report.score, abs=1e-12)
     d = report.to_dict()
-    assert set(d) == {"zero_shot", "score", "seconds", "refit", "blockwise", "finetune"}
+    assert set(d) == {"zero_shot", "score", "seconds", "refit", "blockwise", "finetune", "augment"}
 
 
 def test_time_budget_stops_the_finetune():

@@ -225,7 +225,7 @@ class Wrecking(ToyFidelity):
 def test_trial_runner_applies_the_options_and_keeps_zero_shot_when_worse(tmp_path):
     runner = TrialRunner(toy_cnn(), Wrecking())
     training = {"bn_between_factors": True, "fixed_point": 8}
-    out = runner.finetune(MIXED, 2, seed=0, save_to=str(tmp_path / "w.pt"), training=training)
+    out = runner.finetune(MIXED, 12, seed=0, save_to=str(tmp_path / "w.pt"), training=training)
     assert "error" not in out, out
     # recovery keeps the best evaluated weights: the wrecked ones never reach the trial, the start does
     assert out["recovery"]["best_step"] == 0 and out["recovery"]["steps"] >= 1  # the rest after block-wise

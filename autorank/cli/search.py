@@ -226,6 +226,8 @@ def _tuned(m) -> str:
     steps, secs = r.get("steps"), r.get("seconds")
     stages = [name for name, key in (("re-fit", "refit"), ("block-wise", "blockwise")) if (r.get(key) or {}).get("kept")]
     text = " + ".join(stages + ([] if steps is None else [f"{steps} steps"])) or "yes"
+    if r.get("augmented_batches"):
+        text += f" (+{r['augmented_batches']} augmented batches)"
     if secs is not None:
         text += f", {secs:.0f} s"
     if r.get("stopped_by") == "patience":

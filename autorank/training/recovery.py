@@ -24,15 +24,20 @@ fine-tunes. Three stages, each kept only if the held-out score does not drop:
 
 The inputs of stages 1 and 2 are the task's fine-tuning inputs
 (``task.training_inputs(batches)`` of the built-in tasks; a task without it gives
-its ``calibration_inputs()``).
+its ``calibration_inputs()``). A task that can make more of them
+(``task.augmented_inputs``: a fidelity task with an augmentation, such as the
+``minilm`` task's token replacement, :mod:`autorank.tasks.augment`) adds ``augment.batches``
+new ones to stages 2 and 3: a few hundred sentences leave the compressed model fitted
+to their words only.
 
 Options take the form of the search space's ``training:`` block
 (:meth:`RecoveryOptions.from_dict`; every key optional, the defaults shown)::
 
     training:
       refit: {ridge: 0.1, low_rank: true, batches: 16}          # false: skip
-      blockwise: {share: 0.7, lr: 3.0e-4, trainable: decomposed, batches: 16}   # false: skip
+      blockwise: {share: 0.9, lr: 1.0e-3, trainable: null, batches: 16}   # trainable null: as distill's   # false: skip
       distill: {features: 2.0, output: 1.0, trainable: all, modules: null}   # false: the output only
+      augment: {batches: 256, fraction: 0.4}   # false: the task's own inputs only
       early_stopping: {every: 25, patience: 5, after: 0.5}     # false: no evaluations in between
       finetune_steps: null             # a step budget per plan (null: the search's)
       finetune_time: null              # a wall-time budget per plan: "90s", "5m", "1h" or seconds
@@ -68,6 +73,7 @@ from autorank.tasks.distill import FinetuneControl
 from autorank.training.blockwise import reconstruct_blocks
 from autorank.training.recovery_options import (
     RECOVERY_KEYS,
+    AugmentOptions,
     BlockwiseOptions,
     DistillOptions,
     EarlyStopping,
@@ -85,6 +91,7 @@ __all__ = [
     "RefitOptions",
     "BlockwiseOptions",
     "DistillOptions",
+    "AugmentOptions",
     "EarlyStopping",
     "RecoveryOptions",
     "RecoveryReport",
@@ -102,7 +109,9 @@ class RecoveryReport:
     ``zero_shot``: the held-out score before recovery. ``refit``: the per-layer
     report, the score after it and whether it was kept. ``blockwise``: per block the
     loss before and after, steps and seconds, the score after it and whether it was
-    kept. ``finetune``: steps taken,
+    kept. ``augment``: the augmented batches the block-wise stage and the fine-tune distilled on
+    besides the task's own (``batches``, ``fraction``, ``seconds`` to make them), None when there
+    were none. ``finetune``: steps taken,
     seconds, the step whose weights were kept (``best_step``, 0 = the starting
     weights), whether early stopping ended it, why it stopped (``steps``, ``time``,
     ``patience``, ``diverged``: a non-finite loss, weights or outputs), the
@@ -116,10 +125,11 @@ class RecoveryReport:
     refit: Optional[dict[str, Any]] = None
     blockwise: Optional[dict[str, Any]] = None
     finetune: Optional[dict[str, Any]] = None
+    augment: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"zero_shot": self.zero_shot, "score": self.score, "seconds": self.seconds,
-                "refit": self.refit, "blockwise": self.blockwise, "finetune": self.finetune}
+                "refit": self.refit, "blockwise": self.blockwise, "finetune": self.finetune, "augment": self.augment}
 
 
 # ---------------------------------------------------------------------- recover
@@ -129,6 +139,14 @@ def supports_control(task: Any) -> bool:
         return "control" in inspect.signature(task.finetune).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _augmented(task: Any, opts: Optional[AugmentOptions], seed: int) -> list:
+    """The task's augmented distillation batches (``task.augmented_inputs``), or none when it has no augmentation."""
+    fn = getattr(task, "augmented_inputs", None)
+    if opts is None or not callable(fn):
+        return []
+    return list(fn(opts.batches, fraction=opts.fraction, seed=seed))
 
 
 def _refit_inputs(task: Any, batches: int) -> Any:
@@ -277,14 +295,19 @@ def recover(
         current, kept = _keep_or_undo(compressed, before, current, score, "refit")
         report.refit = {**rep.to_dict(), "score": score, "kept": kept}
 
+    t_aug = time.perf_counter()
+    extra = _augmented(task, opts.augment, seed)
+    if extra:
+        report.augment = {"batches": len(extra), "fraction": opts.augment.fraction, "seconds": time.perf_counter() - t_aug}
+
     # ---- 2. block-wise reconstruction, a share of the budget
     bw = opts.blockwise
     if bw is not None and (steps is None or steps > 0) and (deadline is None or time.perf_counter() < deadline):
         block_steps = max(1, round(bw.share * steps)) if steps is not None else 10**9
         block_time = None if deadline is None else bw.share * (deadline - time.perf_counter())
-        inputs = calibration if calibration is not None else _refit_inputs(task, bw.batches)
+        inputs = calibration if calibration is not None else list(_refit_inputs(task, bw.batches)) + extra
         before = _state(compressed, shared)
-        rep_b = reconstruct_blocks(original, compressed, inputs, steps=block_steps, lr=bw.lr, trainable=bw.trainable,
+        rep_b = reconstruct_blocks(original, compressed, inputs, steps=block_steps, lr=bw.lr, trainable=opts.blockwise_trainable(),
                                    time_s=block_time, seed=seed,
                                    max_time_s=None if deadline is None else min(deadline - time.perf_counter(), 1.25 * block_time))
         score = _score(task, compressed) if rep_b.blocks else current
@@ -295,7 +318,7 @@ def recover(
 
     # ---- 3. fine-tune end to end
     if (steps is None or steps > 0) and (deadline is None or time.perf_counter() < deadline):
-        report.finetune = _finetune(original, compressed, task, opts, steps, deadline, seed, current, shared)
+        report.finetune = _finetune(original, compressed, task, opts, steps, deadline, seed, current, shared, extra)
         current = report.finetune["score"]
     report.score = current
     report.seconds = time.perf_counter() - t0
@@ -318,7 +341,8 @@ def _diverged(model: nn.Module, exc: Exception) -> bool:
 
 
 def _finetune(original: nn.Module, model: nn.Module, task: Any, opts: RecoveryOptions, steps: Optional[int],
-              deadline: Optional[float], seed: int, start_score: float, shared: frozenset = frozenset()) -> dict[str, Any]:
+              deadline: Optional[float], seed: int, start_score: float, shared: frozenset = frozenset(),
+              extra: Optional[list] = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     horizon = int(steps) if steps is not None else 10**9
     tracker = _Tracker(task, model, start_score, opts.early_stopping, deadline, None if steps is None else horizon, shared)
@@ -330,6 +354,7 @@ def _finetune(original: nn.Module, model: nn.Module, task: Any, opts: RecoveryOp
             features=distill.features, output=distill.output, modules=distill.modules, teacher=original,
             trainable=distill.trainable, lr=opts.lr, callback=tracker,
             time_s=None if deadline is None else max(1e-3, deadline - time.perf_counter()),
+            extra_inputs=extra or None,
         )
         try:
             task.finetune(model, horizon, seed=seed, control=control)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
 from autorank.errors import AutorankError
+from autorank.tasks.augment import DEFAULT_FRACTION
 from autorank.tasks.distill import TRAINABLE
 from autorank.training.blockwise import DEFAULT_BLOCK_LR
 from autorank.training.refit import DEFAULT_RIDGE
@@ -24,13 +25,14 @@ __all__ = [
     "RefitOptions",
     "BlockwiseOptions",
     "DistillOptions",
+    "AugmentOptions",
     "EarlyStopping",
     "RecoveryOptions",
     "parse_duration",
 ]
 
 #: keys of the search space's ``training:`` block that belong to recovery
-RECOVERY_KEYS = ("refit", "blockwise", "distill", "early_stopping", "finetune_steps", "finetune_time", "lr")
+RECOVERY_KEYS = ("refit", "blockwise", "distill", "augment", "early_stopping", "finetune_steps", "finetune_time", "lr")
 
 
 class RecoveryError(AutorankError, ValueError):
@@ -54,13 +56,14 @@ class RefitOptions:
 class BlockwiseOptions:
     """``blockwise:``: the ``share`` of the fine-tuning budget (steps or time) spent training each block
     alone (:func:`autorank.training.blockwise.reconstruct_blocks`) before the end-to-end fine-tune; Adam's
-    ``lr``; ``trainable``: ``decomposed`` or ``all`` (the block's parameters); ``batches`` of the
+    ``lr``; ``trainable``: ``decomposed`` or ``all`` (the block's parameters; null, the default: as
+    ``distill.trainable``, so that one switch keeps every other parameter shared); ``batches`` of the
     task's fine-tuning inputs recorded. With a step budget S, each block gets share·S steps (a block
     step costs about a model step divided by the number of blocks)."""
 
-    share: float = 0.7
+    share: float = 0.9
     lr: float = DEFAULT_BLOCK_LR
-    trainable: str = "decomposed"
+    trainable: Optional[str] = None
     batches: int = 16
 
 
@@ -74,6 +77,17 @@ class DistillOptions:
     output: float = 1.0
     modules: Optional[str] = None
     trainable: str = "all"
+
+
+@dataclass(frozen=True)
+class AugmentOptions:
+    """``augment:``: ``batches`` of new distillation inputs made from the task's own by its augmentation
+    (:meth:`autorank.tasks.FidelityTask.augmented_inputs`: token replacement for text, ``fraction`` of the
+    tokens replaced), added to the block-wise stage's and the end-to-end distillation's inputs. A task
+    without an augmentation (images, labelled data, a user's task) is recovered on its own inputs only."""
+
+    batches: int = 256
+    fraction: float = DEFAULT_FRACTION
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,7 @@ class RecoveryOptions:
     refit: Optional[RefitOptions] = field(default_factory=RefitOptions)
     blockwise: Optional[BlockwiseOptions] = field(default_factory=BlockwiseOptions)
     distill: Optional[DistillOptions] = field(default_factory=DistillOptions)
+    augment: Optional[AugmentOptions] = field(default_factory=AugmentOptions)
     early_stopping: Optional[EarlyStopping] = field(default_factory=EarlyStopping)
     finetune_steps: Optional[int] = None
     finetune_time: Optional[float] = None
@@ -124,6 +139,7 @@ class RecoveryOptions:
             refit=_refit_options(value.get("refit", True), f"{source}.refit") if "refit" in value else d.refit,
             blockwise=_blockwise_options(value["blockwise"], f"{source}.blockwise") if "blockwise" in value else d.blockwise,
             distill=_distill_options(value["distill"], f"{source}.distill") if "distill" in value else d.distill,
+            augment=_augment_options(value["augment"], f"{source}.augment") if "augment" in value else d.augment,
             early_stopping=_early_options(value["early_stopping"], f"{source}.early_stopping")
             if "early_stopping" in value else d.early_stopping,
             finetune_steps=_steps(value.get("finetune_steps"), f"{source}.finetune_steps"),
@@ -139,9 +155,15 @@ class RecoveryOptions:
         (``task.finetune_preserves_original`` says whether it keeps the original's).
         The re-fit changes decomposed factors only.
         """
-        if self.blockwise is not None and self.blockwise.trainable != "decomposed":
+        if self.blockwise is not None and self.blockwise_trainable() != "decomposed":
             return False
         return not control or (self.distill is not None and self.distill.trainable == "decomposed")
+
+    def blockwise_trainable(self) -> str:
+        """What the block-wise stage trains: its own ``trainable``, else the distillation's (``all`` without one)."""
+        if self.blockwise is not None and self.blockwise.trainable is not None:
+            return self.blockwise.trainable
+        return self.distill.trainable if self.distill is not None else DistillOptions().trainable
 
     def summary(self) -> str:
         """One line: the stages that are on (what the front's members were recovered with)."""
@@ -152,6 +174,8 @@ class RecoveryOptions:
             parts.append(f"block-wise {self.blockwise.share:.0%}")
         if self.distill is not None:
             parts.append(f"distill features x{self.distill.features:g}, {self.distill.trainable}")
+        if self.augment is not None:
+            parts.append(f"{self.augment.batches} augmented batches")
         if self.early_stopping is not None:
             parts.append(f"early stopping every {self.early_stopping.every}")
         return ", ".join(parts) or "fine-tune only"
@@ -162,6 +186,7 @@ class RecoveryOptions:
             "refit": False if self.refit is None else asdict(self.refit),
             "blockwise": False if self.blockwise is None else asdict(self.blockwise),
             "distill": False if self.distill is None else asdict(self.distill),
+            "augment": False if self.augment is None else asdict(self.augment),
             "early_stopping": False if self.early_stopping is None else asdict(self.early_stopping),
             "finetune_steps": self.finetune_steps,
             "finetune_time": self.finetune_time,
@@ -227,7 +252,7 @@ def _refit_options(v: Any, where: str) -> Optional[RefitOptions]:
 
 
 def _blockwise_options(v: Any, where: str) -> Optional[BlockwiseOptions]:
-    v = _section(v, where, "share: S, lr: LR, trainable: decomposed, batches: N", ("share", "lr", "trainable", "batches"))
+    v = _section(v, where, "share: S, lr: LR, trainable: all, batches: N", ("share", "lr", "trainable", "batches"))
     if isinstance(v, bool):
         return BlockwiseOptions() if v else None
     d = BlockwiseOptions()
@@ -235,8 +260,8 @@ def _blockwise_options(v: Any, where: str) -> Optional[BlockwiseOptions]:
     if share >= 1:
         raise RecoveryError(f"{where}.share: expected a fraction in (0, 1), got {v.get('share')!r}")
     trainable = v.get("trainable", d.trainable)
-    if trainable not in TRAINABLE:
-        raise RecoveryError(f"{where}.trainable: expected one of {list(TRAINABLE)}, got {trainable!r}")
+    if trainable is not None and trainable not in TRAINABLE:
+        raise RecoveryError(f"{where}.trainable: expected one of {list(TRAINABLE)} or null, got {trainable!r}")
     return BlockwiseOptions(share=share, lr=_positive(v.get("lr", d.lr), f"{where}.lr"), trainable=trainable,
                             batches=_int(v.get("batches", d.batches), f"{where}.batches", 1))
 
@@ -263,6 +288,17 @@ def _distill_options(v: Any, where: str) -> Optional[DistillOptions]:
         modules=modules,
         trainable=trainable,
     )
+
+
+def _augment_options(v: Any, where: str) -> Optional[AugmentOptions]:
+    v = _section(v, where, "batches: N, fraction: F", ("batches", "fraction"))
+    if isinstance(v, bool):
+        return AugmentOptions() if v else None
+    d = AugmentOptions()
+    fraction = _positive(v.get("fraction", d.fraction), f"{where}.fraction")
+    if fraction > 1:
+        raise RecoveryError(f"{where}.fraction: expected a share of the tokens in (0, 1], got {v.get('fraction')!r}")
+    return AugmentOptions(batches=_int(v.get("batches", d.batches), f"{where}.batches", 1), fraction=fraction)
 
 
 def _early_options(v: Any, where: str) -> Optional[EarlyStopping]:

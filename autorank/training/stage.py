@@ -124,7 +124,8 @@ def apply_training(
 
 
 def recovery_summary(report: RecoveryReport) -> dict[str, Any]:
-    """What the front shows of a recovery: scores after each stage, steps and seconds, why it stopped."""
+    """What the front shows of a recovery: scores after each stage, steps and seconds, why it stopped,
+    the augmented batches distilled on besides the task's own."""
     ft = report.finetune or {}
     out: dict[str, Any] = {"zero_shot": report.zero_shot, "score": report.score, "seconds": report.seconds,
                            "steps": ft.get("steps", 0), "best_step": ft.get("best_step"), "stopped_by": ft.get("stopped_by")}
@@ -134,4 +135,6 @@ def recovery_summary(report: RecoveryReport) -> dict[str, Any]:
             out[stage] = {"score": rep.get("score"), "kept": rep.get("kept")}
     if report.refit is not None:
         out["refit"]["layers"] = report.refit.get("refitted", 0)
+    if report.augment is not None:
+        out["augmented_batches"] = report.augment["batches"]
     return out
