@@ -113,9 +113,11 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_cli_finetune_time_and_training_reach_the_trials(tmp_path):
     out = tmp_path / "run"
     p = _cli(tmp_path, "--finetune", "1", "--finetune-time", "3s", "--training", "{blockwise: false}", "--no-refit",
-             "--out", str(out))
+             "--no-augment", "--out", str(out))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     settings = json.loads((out / "settings.json").read_text())
+    assert {k: settings["space"]["training"][k] for k in ("refit", "blockwise", "augment")} == dict.fromkeys(
+        ("refit", "blockwise", "augment"), False)
     assert settings["finetune_time_s"] == 3.0 and settings["finetune_steps"] is None  # a time alone: steps unbounded
     records = [json.loads(f.read_text()) for f in (out / "trials").glob("*.json")]
     ft = [r["finetune"] for r in records if r.get("finetune")]
@@ -128,6 +130,7 @@ def test_cli_finetune_time_and_training_reach_the_trials(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (("--training", "[1, 2]"), "--training"),
     (("--training", "{refit: maybe}"), "training.refit"),
+    (("--training", "{augment: {fraction: 3}}"), "training.augment.fraction"),
     (("--finetune-time", "5 parsecs"), "finetune_time"),
 ])
 def test_cli_bad_recovery_options_get_one_line_and_exit_2(tmp_path, args, needle):

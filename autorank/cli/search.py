@@ -160,6 +160,8 @@ def cmd_search(args) -> int:
     training = _training(args.training)
     if args.no_refit:
         training["refit"] = False
+    if args.no_augment:
+        training["augment"] = False
     t0 = time.perf_counter()
     with _Progress(args.quiet or args.json) as prog:
         result = search(
@@ -402,6 +404,8 @@ def add_commands(sub) -> None:
                                                       "e.g. '{refit: false, distill: {features: 0, trainable: decomposed}, "
                                                       "early_stopping: {every: 25, patience: 5}}' (README, Recovery after compression)")
     s.add_argument("--no-refit", action="store_true", help="no closed-form re-fit of the decomposed layers before fine-tuning")
+    s.add_argument("--no-augment", action="store_true",
+                   help="recover on the task's own inputs only (no augmented ones, such as the minilm task's word replacement)")
     s.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-BUDGET); an existing one is resumed")
     s.add_argument("--seed", type=int, default=0, help="the same seed gives the same plans (default 0)")
     s.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "gp", "random"), help="Optuna sampler (default tpe)")
