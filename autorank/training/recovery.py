@@ -35,7 +35,7 @@ Options take the form of the search space's ``training:`` block
 
     training:
       refit: {ridge: 0.1, low_rank: true, batches: 16}          # false: skip
-      blockwise: {share: 0.9, lr: 1.0e-3, trainable: null, batches: 16}   # trainable null: as distill's   # false: skip
+      blockwise: {share: 0.9, lr: 1.0e-3, trainable: null, batches: 16}   # false: skip; trainable null: as distill's
       distill: {features: 2.0, output: 1.0, trainable: all, modules: null}   # false: the output only
       augment: {batches: 256, fraction: 0.4}   # false: the task's own inputs only
       early_stopping: {every: 25, patience: 5, after: 0.5}     # false: no evaluations in between
