@@ -331,7 +331,7 @@ def _training(value: Any, source: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     recovery = {k: v for k, v in value.items() if k in RECOVERY_KEYS}
     try:
-        RecoveryOptions.from_dict(recovery, source=f"{source}: training")
+        RecoveryOptions.from_dict(recovery, source="training" if source == "training" else f"{source}: training")
     except RecoveryError as exc:
         raise SpaceError(str(exc)) from None
     out.update(recovery)  # as given (checked): the defaults stay the recovery module's
