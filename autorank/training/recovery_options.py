@@ -175,7 +175,7 @@ class RecoveryOptions:
         if self.distill is not None:
             parts.append(f"distill features x{self.distill.features:g}, {self.distill.trainable}")
         if self.augment is not None:
-            parts.append(f"{self.augment.batches} augmented batches")
+            parts.append(f"{self.augment.batches} augmented batches where the task makes them")
         if self.early_stopping is not None:
             parts.append(f"early stopping every {self.early_stopping.every}")
         return ", ".join(parts) or "fine-tune only"
