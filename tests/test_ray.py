@@ -280,7 +280,11 @@ def test_driver_killed_midway_resumes_on_ray_with_no_finished_trial_lost_or_repe
     assert 3 <= len(before) < 7
     assert all(r["where"]["pid"] != proc.pid for r in before.values())  # they ran on a Ray worker
     st_ = RunDir(out).load_study()
-    assert sum(t.state == optuna.trial.TrialState.RUNNING for t in st_.trials) == 1
+    # the trial in flight when the driver died: one, or none when (on a loaded machine) it finished between the
+    # poll above and the kill; the study knows of every trial whose record says RUNNING (asks are flushed first)
+    running_records = {n for n, r in _records(out).items() if r.get("state") == "RUNNING"}
+    running = sum(t.state == optuna.trial.TrialState.RUNNING for t in st_.trials)
+    assert len(running_records) <= running <= 1
 
     # the same search again, here, on a fresh local Ray instance the executor starts and stops
     ex = RayExecutor(workers=1)
@@ -297,9 +301,11 @@ def test_driver_killed_midway_resumes_on_ray_with_no_finished_trial_lost_or_repe
     finished = [t for t in st_.trials if t.state in (S.COMPLETE, S.FAIL) and not t.user_attrs.get("interrupted")]
     assert len(finished) == 7
     interrupted = [t for t in st_.trials if t.user_attrs.get("interrupted")]
-    assert len(interrupted) == 1
-    assert _records(out)[interrupted[0].number]["state"] == "INTERRUPTED"
-    assert any(t.params == interrupted[0].params and t.state == S.COMPLETE for t in st_.trials)  # rerun, not lost
+    assert len(interrupted) == running
+    for t in interrupted:
+        if t.number in running_records:
+            assert _records(out)[t.number]["state"] == "INTERRUPTED"
+        assert any(u.params == t.params and u.state == S.COMPLETE for u in st_.trials)  # rerun, not lost
     assert ex.worker_info and ex.worker_info[0]["runner_builds"] == 1
 
 
