@@ -302,23 +302,17 @@ class FidelityTask(BaseTask):
 
     # ------------------------------------------------------------------ distillation
     def _target(self, i: int) -> torch.Tensor:
-        hit = self._targets.get(i)
-        if hit is None:
-            if self._teacher is None:
-                raise TaskError(f"{self.name}: call setup(original_model) before finetune")
-            with torch.no_grad():
-                out, _ = self._outputs(self._teacher, self.train_batches[i], f"original model output on training batch {i}")
-            hit = self._targets[i] = out.detach().float()
-        return hit
+        return self._cached_target(self._targets, i, self.train_batches[i], f"original model output on training batch {i}")
 
-    def _extra_target(self, i: int, batch: Any, cache: dict[int, torch.Tensor]) -> torch.Tensor:
-        """The teacher's output on an extra (augmented) distillation batch, computed once per fine-tune."""
+    def _cached_target(self, cache: dict[int, torch.Tensor], i: int, batch: Any, where: str) -> torch.Tensor:
+        """The teacher's output on ``batch``, kept in ``cache`` under ``i`` (the task's own batches: across
+        fine-tunes; augmented ones: for one fine-tune)."""
         hit = cache.get(i)
         if hit is None:
             if self._teacher is None:
                 raise TaskError(f"{self.name}: call setup(original_model) before finetune")
             with torch.no_grad():
-                out, _ = self._outputs(self._teacher, batch, f"original model output on augmented batch {i}")
+                out, _ = self._outputs(self._teacher, batch, where)
             hit = cache[i] = out.detach().float()
         return hit
 
@@ -378,7 +372,8 @@ class FidelityTask(BaseTask):
                     if not order:
                         order = torch.randperm(n, generator=gen).tolist()
                     i = order.pop()
-                    target = self._target(i) if i < len(self.train_batches) else self._extra_target(i, batches[i], extra_targets)
+                    target = (self._target(i) if i < len(self.train_batches) else
+                              self._cached_target(extra_targets, i, batches[i], f"original model output on augmented batch {i}"))
                     teacher_features = None
                     if distiller is not None:
                         teacher_features = features.get(i)
