@@ -8,7 +8,7 @@ its own run directory but one shared factor cache and latency table:
   this CPU) and the fixed multiple of 8 it replaces (``align=8``).
 
 Every search re-measures its front on the target (the original and every member side by side, interleaved
-rounds, the fastest sample: see ``autorank.search.latency``). From each front the benchmark reports:
+rounds, the speed-up the median of the per-round ratios: see ``autorank.search.latency``). From each front the benchmark reports:
 
 - the best member (highest score among those whose re-measured latency keeps the budget) and its measured
   speed-up over the original in PyTorch eager mode, and as ONNX under onnxruntime (both models exported at
@@ -104,6 +104,14 @@ def fidelity_task(spec: str, shape: tuple[int, ...], n: int) -> FidelityTask:
     return FidelityTask([batch(n), batch(n)], held_out=[batch(1), batch(n)], metric="cosine", name=f"{spec}-fidelity")
 
 
+def _paired(times: dict[str, list[float]]) -> dict[str, Any]:
+    """Fastest sample of each model, and the speed-up as the median of the per-round ratios (paired by round, as
+    the search measures its front: :func:`autorank.cost.timing.measure_paired`)."""
+    ratios = [o / c for o, c in zip(times["original"], times["compressed"]) if c > 0]
+    return {"original_s": min(times["original"]), "compressed_s": min(times["compressed"]),
+            "speedup": statistics.median(ratios)}
+
+
 def onnx_speedup(original: torch.nn.Module, small: torch.nn.Module, x: torch.Tensor, threads: int, rounds: int,
                  work: Path, clock: str = "wall") -> dict[str, Any]:
     """Both models exported to ONNX at ``x``'s batch size and timed side by side under onnxruntime (fastest sample).
@@ -134,8 +142,7 @@ def onnx_speedup(original: torch.nn.Module, small: torch.nn.Module, x: torch.Ten
                 sessions[name].run(None, feed[name])
                 samples.append(timer() - t0)
             times[name].append(min(samples))
-    orig, comp = min(times["original"]), min(times["compressed"])
-    return {"original_s": orig, "compressed_s": comp, "speedup": orig / comp}
+    return _paired(times)
 
 
 def folded_speedup(original: torch.nn.Module, small: torch.nn.Module, x: torch.Tensor, threads: int, rounds: int,
@@ -167,8 +174,7 @@ def folded_speedup(original: torch.nn.Module, small: torch.nn.Module, x: torch.T
                     models[name](x)
                     samples.append(timer() - t0)
                 times[name].append(min(samples))
-    orig, comp = min(times["original"]), min(times["compressed"])
-    return {"original_s": orig, "compressed_s": comp, "speedup": orig / comp}
+    return _paired(times)
 
 
 def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, shape, space: dict, batch: int, budget: str,

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from autorank import Plan
 from autorank.cost.latency import device_ranks, grid_candidates, probe_ranks
 from autorank.cost.latency_table import LatencyTable, layer_signature
 from autorank.cost.profile import profile_model
-from autorank.cost.timing import DeviceError, LatencyError, default_threads, measure, measure_side_by_side
+from autorank.cost.timing import DeviceError, LatencyError, default_threads, measure, measure_paired, measure_side_by_side
 from autorank.search import search
 from autorank.search.latency import FRONT_ROUNDS, LatencyTableMismatch, LatencyTarget, latency_job, measured_front
 from autorank.search.result import FrontMember, PickError, SearchResult
@@ -311,6 +312,7 @@ def test_search_leaves_out_a_member_measured_over_the_latency_budget(tmp_path, m
         if kind == "front" and not slowed:  # the first round: every member measured 3x slower than the original
             for trial, t in res["members"].items():
                 res["members"][trial] = {**t, "min": 3 * res["original"]["min"]}
+                res["speedups"][trial] = 1 / 3
                 slowed.append(int(trial))
         return res
 
@@ -356,6 +358,36 @@ def test_side_by_side_measurement_interleaves_and_reports_every_module():
     t = measure_side_by_side({"big": big, "small": small}, torch.randn(1, 256), threads=1, rounds=3, repeats=3, min_time=0.0)
     assert set(t) == {"big", "small"} and all(v.repeats >= 9 and v.min <= v.median for v in t.values())
     assert LatencyTarget.make(None, None, None).threads is None and default_threads() >= 1
+
+
+class _Drifting(nn.Module):
+    """A call sleeps ``cost`` seconds, 3x longer during a slow spell of the machine: the first ``spell`` calls of all
+    the modules sharing ``calls``."""
+
+    def __init__(self, cost: float, calls: list, spell: int):
+        super().__init__()
+        self.cost, self.calls, self.spell = cost, calls, spell
+
+    def forward(self, x):
+        self.calls[0] += 1
+        time.sleep(self.cost * (3.0 if self.calls[0] <= self.spell else 1.0))
+        return x
+
+
+def test_paired_speedups_cancel_a_slow_spell_that_ends_mid_round():
+    """Each module takes 5 calls a round (1 warm-up, 1 to size a sample, 3 samples). The machine is 3x slower for the
+    first 25 calls: rounds 1 and 2 of both modules and the reference's part of round 3. The two modules' medians over
+    the rounds then read the reference 6x slower (12 ms against 2 ms); paired by round, the ratios are 2, 2, 6, 2, 2
+    and their median the true 2x."""
+    calls = [0]
+    modules = {"ref": _Drifting(0.004, calls, 25), "half": _Drifting(0.002, calls, 25)}
+    kw = dict(threads=1, rounds=5, warmup=1, repeats=3, min_time=0.0)
+    timings, speedups = measure_paired(modules, torch.zeros(1), reference="ref", statistic="median", **kw)
+    assert calls[0] == 50 and set(timings) == {"ref", "half"} and set(speedups) == {"half"}
+    assert 1.6 < speedups["half"] < 2.5, speedups
+    assert timings["ref"].median / timings["half"].median > 4  # unpaired, the spell decides
+    with pytest.raises(LatencyError, match="reference 'nope'"):
+        measure_paired(modules, torch.zeros(1), reference="nope", **kw)
 
 
 def test_a_model_or_task_declares_the_threads_it_is_deployed_with():

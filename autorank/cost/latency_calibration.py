@@ -49,7 +49,7 @@ from torch import nn
 
 from autorank import methods as registry
 from autorank.cost.latency_table import LatencyTable, count_ops, layer_signature, model_signature, random_fill_, with_batch
-from autorank.cost.timing import measure_side_by_side
+from autorank.cost.timing import measure_paired
 from autorank.methods._base import Rank
 from autorank.surgery import set_submodule
 
@@ -111,12 +111,14 @@ def calibration_plans(profile: Any, table: LatencyTable, levels: Sequence[Mappin
 
 
 def calibrate(model: nn.Module, profile: Any, table: LatencyTable, plans: Sequence[Mapping[str, tuple[str, Rank]]],
-              inputs: Any, *, rounds: int = 3, save: bool = True) -> Optional[tuple[float, float]]:
+              inputs: Any, *, rounds: int = 5, save: bool = True) -> Optional[tuple[float, float]]:
     """Fit and record ``(k, c)`` of this model on the table's target (see the module docstring).
 
     ``inputs``: the model's input at the table's batch size. Measures the
     original and one random-weight model per plan side by side, ``rounds``
-    interleaved rounds, with the table's device, threads, clock and statistic.
+    interleaved rounds, with the table's device, threads, clock and statistic;
+    a plan's latency is the original's over its speed-up paired by round, as the
+    search measures a front member (:func:`autorank.cost.timing.measure_paired`).
     Returns ``(k, c)`` (also kept in the table), or None when the plans change
     too little to fit them or the fit falls outside :data:`SCALE_RANGE`.
     """
@@ -131,16 +133,19 @@ def calibrate(model: nn.Module, profile: Any, table: LatencyTable, plans: Sequen
         by_method.append(_estimated_change(profile, table, plan))
         ests.append((sum(by_method[-1].values()), added))
     inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in (inputs if isinstance(inputs, tuple) else (inputs,)))
-    timings = measure_side_by_side(modules, inputs, device=dev, threads=table.threads, rounds=rounds, warmup=table.warmup,
-                                   repeats=max(3, table.repeats // 2), min_time=table.min_time, clock=table.clock,
-                                   max_time=table.max_time, memory_format=table.memory_format)
     stat = table.statistic
+    timings, speedups = measure_paired(modules, inputs, reference="original", statistic=stat, device=dev,
+                                       threads=table.threads, rounds=rounds, warmup=table.warmup,
+                                       repeats=max(3, table.repeats // 2), min_time=table.min_time, clock=table.clock,
+                                       max_time=table.max_time, memory_format=table.memory_format)
     original = timings.pop("original")
     base = getattr(original, stat)
     # the base latency every estimate starts from is this one, measured beside the plans the fit rests on: the
     # table's own (minutes earlier, between layers) can differ by more than the fit corrects on a shared machine
     table.put_model(msig, original)
-    points = [(e, n, getattr(timings[i], stat) - base) for i, (e, n) in enumerate(ests)]
+    # each plan's latency as the front measures a member's: the original's over the speed-up paired by round
+    points = [(e, n, (base / speedups[i] if speedups.get(i) else getattr(timings[i], stat)) - base)
+              for i, (e, n) in enumerate(ests)]
     fit = _fit(points)
     usable = (fit is not None and SCALE_RANGE[0] <= fit[0] <= SCALE_RANGE[1]
               and max(abs(e) for e, _, _ in points) > 0.02 * base)

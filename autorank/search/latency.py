@@ -9,8 +9,10 @@ node that has the device (:class:`~autorank.search.executor.RayExecutor`):
 - ``table`` (:func:`latency_job`): the per-layer latency table for every (layer,
   method, rank) of the search grid, the ranks probed for device-aware alignment
   and the whole model, at the target's batch size and threads;
-- ``front``: the original and every front member, end to end, side by side
-  (:func:`autorank.cost.timing.measure_side_by_side`).
+- ``front``: the original and every front member, end to end, side by side; a
+  member's speed-up is the median of its per-round ratios to the original
+  (:func:`autorank.cost.timing.measure_paired`), its measured latency the
+  original's divided by that.
 
 The driver then turns the table into the ranks the search may build
 (:func:`autorank.cost.latency.device_ranks`: alignment to the device's latency
@@ -51,7 +53,7 @@ from autorank.cost.latency import (
 from autorank.cost.latency_calibration import calibrate, calibration_plans
 from autorank.cost.latency_table import STATISTICS, LatencyTable, model_signature
 from autorank.cost.profile import profile_model
-from autorank.cost.timing import LatencyError, cpu_share, default_threads, measure_side_by_side, memory_format_name, resolve_device
+from autorank.cost.timing import LatencyError, cpu_share, default_threads, measure_paired, memory_format_name, resolve_device
 from autorank.saving import load
 from autorank.search.space import LayerChoice
 from autorank.zoo import example_input, load_model
@@ -255,12 +257,14 @@ def _front_job(model: nn.Module, payload: Mapping[str, Any]) -> dict[str, Any]:
     for m in payload["members"]:
         modules[str(m["trial"])] = load(m["weights"], model=model).to(dev)
     inputs = to_device(inputs, dev)
-    timings = measure_side_by_side(modules, inputs, device=dev, threads=threads, rounds=int(payload.get("rounds", 5)),
-                                   clock=payload.get("clock", "wall"), max_time=payload.get("max_time"),
-                                   memory_format=payload.get("memory_format", "contiguous"))
+    timings, speedups = measure_paired(modules, inputs, reference="original", statistic=payload.get("statistic", "median"),
+                                       device=dev, threads=threads, rounds=int(payload.get("rounds", 5)),
+                                       clock=payload.get("clock", "wall"), max_time=payload.get("max_time"),
+                                       memory_format=payload.get("memory_format", "contiguous"))
     t = timings.pop("original")
     return {
-        "original": t.to_dict(), "members": {k: v.to_dict() for k, v in timings.items()}, "device_name": t.device,
+        "original": t.to_dict(), "members": {k: v.to_dict() for k, v in timings.items()}, "speedups": speedups,
+        "device_name": t.device,
         "threads": t.threads, "batch_size": bs, "pid": os.getpid(), "cpu_share": _busy(dev, threads),
     }
 
@@ -388,8 +392,13 @@ def measure_front(result, original: nn.Module, task: Any, *, target: Optional[La
         t = res["members"].get(str(m.trial))
         if t is None:
             continue
-        m.latency_measured_s = float(t[stat])
-        m.speedup = base / m.latency_measured_s if m.latency_measured_s > 0 else None
+        paired = (res.get("speedups") or {}).get(str(m.trial))
+        if paired:  # the speed-up paired by round (see measure_paired); the member's latency is the original's over it
+            m.speedup = float(paired)
+            m.latency_measured_s = base / m.speedup
+        else:
+            m.latency_measured_s = float(t[stat])
+            m.speedup = base / m.latency_measured_s if m.latency_measured_s > 0 else None
         m.latency_breach = any(m.latency_measured_s > lim for lim in limits) if limits else None
         m.latency_original_s = base
         done.append(m)
