@@ -261,6 +261,8 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
         "median_speedup_estimate_error": statistics.median(errs) if errs else None,
         "median_absolute_estimate_error": statistics.median(abs_errs) if abs_errs else None,
         "ranks_moved": info.get("ranks_moved"), "refused": sum(len(v) for v in (info.get("refused") or {}).values()),
+        # the original at the front against the original beside the calibration's plans (> 0: slower at the front)
+        "drift": (res.latency or {}).get("drift"),
     }
     b = row["best"] or {}
     log(f"  {key} b{batch} {budget} align={align}: {len(res.front)} members, best {b.get('summary')} "
@@ -268,7 +270,8 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
         f"bn-folded {((b.get('folded') or {}).get('speedup') or 0):.2f}x onnx {((b.get('onnx') or {}).get('speedup') or 0):.2f}x; "
         f"fastest {row['fastest_speedup'] or 0:.2f}x; "
         f"estimate error (speed-up) {row['median_speedup_estimate_error'] if errs else float('nan'):.1%}; "
-        f"breaches {row['breaches']}; left the front {len(row['left_out'])}; {elapsed:.0f} s")
+        f"breaches {row['breaches']}; left the front {len(row['left_out'])}; "
+        f"original drifted {row['drift'] if row['drift'] is not None else float('nan'):+.1%} since the calibration; {elapsed:.0f} s")
     return row
 
 

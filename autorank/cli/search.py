@@ -17,6 +17,7 @@ from rich.table import Table
 from autorank.cli.common import CLIError, get_console, pct
 from autorank.hf import is_hf_spec, with_dtype
 from autorank.search.executor import RayExecutor
+from autorank.search.latency import DRIFT_WARNING
 from autorank.search.result import SearchResult
 from autorank.search.rundir import RunDir, RunDirLockedError
 from autorank.search.space import SearchSpace
@@ -289,7 +290,12 @@ def _print_front(result, console) -> None:
         console.print(f"original model latency: {_ms(result.original_latency_s)}; every latency measured end to end, side by side, "
                       f"on {lat.get('device_name') or lat.get('device', '?')} ({lat.get('device', '?')}, batch {lat.get('batch_size', 1)}, "
                       f"{threads}{', node ' + str(node) if node else ''}; {lat.get('statistic', 'median')} of the timed samples); "
-                      "speed-up = original / member")
+                      "speed-up = original / member, the median of the per-round ratios")
+    drift = lat.get("drift")
+    if drift is not None and abs(drift) > DRIFT_WARNING:
+        console.print(f"[yellow]the original measured {abs(drift):.0%} {'slower' if drift > 0 else 'faster'} here than when the "
+                      "latency estimate was calibrated: the machine's speed changed, and measured latencies may differ from the "
+                      "estimates by as much[/]")
     share = lat.get("cpu_share")
     if share is not None and share < 0.8 and (lat.get("threads_used") or 1) > 1:
         console.print(f"[yellow]the machine was busy while measuring (a probe thread got {share:.0%} of a core): latencies "

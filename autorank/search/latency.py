@@ -404,13 +404,41 @@ def measure_front(result, original: nn.Module, task: Any, *, target: Optional[La
         done.append(m)
     if result.original_latency_s is None:
         result.original_latency_s = base
+        drift = _drift(base, table_info)
         result.latency = {
             **target.to_dict(), "threads_used": res.get("threads"), "device_name": res.get("device_name"), "rounds": target.rounds,
             "cpu_share": res.get("cpu_share"),
             "measured_on": res.get("where", {}), "limit_s": min(limits) if limits else None,
-            **({"table": table_info} if table_info else {}),
+            **({"table": table_info} if table_info else {}), "drift": drift,
         }
     return done
+
+
+#: the original measured this much slower or faster at the front than when the estimate was calibrated: say so
+DRIFT_WARNING = 0.05
+
+
+def _drift(base: float, table_info: Optional[Mapping[str, Any]]) -> Optional[float]:
+    """How much slower (> 0) the original measured at the front than beside the latency calibration's plans.
+
+    The speed-up a factorization gives depends on the machine's state, not only on the
+    plan: on a shared VM whose other tenants take memory bandwidth, the memory-bound
+    operators a factorization leaves weigh more. When the original itself measures
+    differently at the front than when the estimate was calibrated (minutes apart),
+    the members' estimates and measurements can differ by as much; the front's
+    ``latency.drift`` records it and a warning says so.
+    """
+    calib = (table_info or {}).get("calibration") or {}
+    ref = calib.get("base")
+    if not ref or not base:
+        return None
+    drift = base / float(ref) - 1.0
+    if abs(drift) > DRIFT_WARNING:
+        logger.warning("the original measured %.0f%% %s at the front than when the latency estimate was calibrated: this "
+                       "machine's speed changed, and the members' measured latencies may differ from their estimates by "
+                       "as much (a quieter machine, or --threads 1, measures more steadily)",
+                       100 * abs(drift), "slower" if drift > 0 else "faster")
+    return drift
 
 
 #: rounds of the front's end-to-end measurement: a member measured over the latency budget leaves the front and the
