@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from autorank import methods as registry
+from autorank.cost.latency import device_ranks, normalise_rank
 from autorank.cost.latency_table import LatencyTable, count_ops, layer_signature, model_signature, random_fill_, with_batch
 from autorank.cost.timing import measure_paired
 from autorank.methods._base import Rank
@@ -55,7 +56,7 @@ from autorank.surgery import set_submodule
 
 logger = logging.getLogger("autorank")
 
-__all__ = ["calibrate", "calibration_plans", "random_decomposed", "SCALE_RANGE", "MAX_MARGIN"]
+__all__ = ["calibrate", "calibrate_for_search", "calibration_levels", "calibration_plans", "calibration_spec", "random_decomposed", "SCALE_RANGE", "MAX_MARGIN"]
 
 #: a fitted factor outside this range is not trusted (kept at 1): the measurement went wrong, not the cache
 SCALE_RANGE = (0.5, 4.0)
@@ -111,7 +112,8 @@ def calibration_plans(profile: Any, table: LatencyTable, levels: Sequence[Mappin
 
 
 def calibrate(model: nn.Module, profile: Any, table: LatencyTable, plans: Sequence[Mapping[str, tuple[str, Rank]]],
-              inputs: Any, *, rounds: int = 5, save: bool = True) -> Optional[tuple[float, float]]:
+              inputs: Any, *, rounds: int = 5, save: bool = True, tag: Optional[Mapping[str, Any]] = None
+              ) -> Optional[tuple[float, float]]:
     """Fit and record ``(k, c)`` of this model on the table's target (see the module docstring).
 
     ``inputs``: the model's input at the table's batch size. Measures the
@@ -119,8 +121,9 @@ def calibrate(model: nn.Module, profile: Any, table: LatencyTable, plans: Sequen
     interleaved rounds, with the table's device, threads, clock and statistic;
     a plan's latency is the original's over its speed-up paired by round, as the
     search measures a front member (:func:`autorank.cost.timing.measure_paired`).
-    Returns ``(k, c)`` (also kept in the table), or None when the plans change
-    too little to fit them or the fit falls outside :data:`SCALE_RANGE`.
+    ``tag``: kept in the record as is (the search says which ranks the plans were
+    built from). Returns ``(k, c)`` (also kept in the table), or None when the
+    plans change too little to fit them or the fit falls outside :data:`SCALE_RANGE`.
     """
     dev = table._check_can_measure()
     msig = model_signature(profile, table.batch_size)
@@ -164,7 +167,7 @@ def calibrate(model: nn.Module, profile: Any, table: LatencyTable, plans: Sequen
     margin = min(rms, MAX_MARGIN * base) if usable else 0.0
     record = {"scale": k, "per_op": c, "margin": margin, "fitted": list(fit) if fit else None, "method_scales": scales,
               "changes_by_method": by_method,
-              "points": [list(p) for p in points], "residuals": residuals, "base": base, "plans": len(plans), "statistic": stat}
+              "points": [list(p) for p in points], "residuals": residuals, "base": base, "plans": len(plans), "statistic": stat, **dict(tag or {})}
     table.models[f"calibration|{msig}"] = record
     table.measurements += len(plans) + 1
     table._dirty = True
@@ -174,6 +177,68 @@ def calibrate(model: nn.Module, profile: Any, table: LatencyTable, plans: Sequen
                 msig, table.device_name, k, f" (per method {scales})" if scales else "", c, len(plans), "" if usable else " (not used)",
                 ", ".join(f"{100 * r / base:+.1f}%" for r in residuals))
     return (k, c) if usable else None
+
+
+def calibrate_for_search(model: nn.Module, profile: Any, table: LatencyTable, spec: Optional[Mapping[str, Any]], x: tuple) -> None:
+    """Fit the model's estimate factor on this target (see the module docstring).
+
+    ``spec``: ``{"grid": {layer: [[method, ρ], ...]}, "align": a fixed multiple or
+    None, "snap": bool}``, the search's grid and alignment. The plans calibrated
+    are built from the ranks the search builds: with ``snap``, the grid ranks
+    moved to the top of their latency step by
+    :func:`~autorank.cost.latency.device_ranks`. Those were picked *because*
+    their measurement came out no slower than the grid rank's, so their table
+    entries lean fast (a winner's curse); a factor fitted on the unmoved grid
+    ranks could not see that. A table calibrated once with the same ranks is
+    not calibrated again; one calibrated with the other kind is.
+    """
+    if not spec or not spec.get("grid"):
+        return
+    grid = {str(n): [(str(m), float(r)) for m, r in pairs] for n, pairs in dict(spec["grid"]).items()}
+    align = spec.get("align")
+    snap = bool(spec.get("snap"))
+    kind = "device" if snap else "grid"
+    done = table.models.get(f"calibration|{model_signature(profile, table.batch_size)}")
+    if done is not None and done.get("ranks", "grid") == kind:
+        return
+    ranks = device_ranks(profile, table, grid, snap=True, align=align) if snap else None
+    levels = calibration_levels(profile, grid, align, ranks=ranks)
+    parsed = [{n: [(m, normalise_rank(r)) for m, r in opts] for n, opts in level.items()} for level in levels]
+    plans = calibration_plans(profile, table, parsed)
+    if plans:
+        calibrate(model, profile, table, plans, x, tag={"ranks": kind})
+
+
+def calibration_spec(grid: Mapping[str, Sequence[tuple[str, float]]], align: Optional[int], snap: bool) -> dict[str, Any]:
+    """What the table job calibrates with (see :func:`calibrate_for_search`): JSON-able."""
+    return {"grid": {n: [[m, float(r)] for m, r in pairs] for n, pairs in grid.items()}, "align": align, "snap": bool(snap)}
+
+
+def calibration_levels(profile: Any, grid: Mapping[str, Sequence[tuple[str, float]]], align: Optional[int] = None,
+                       *, ranks: Any = None) -> list[dict[str, list[list]]]:
+    """The grid's options at its smallest and middle ρ: ``[{layer: [[method, rank], ...]}, ...]``.
+
+    ``ranks``: a :class:`~autorank.cost.latency.DeviceRanks`; its rank for a
+    (layer, method, ρ) replaces the grid's where it has one.
+    """
+    rhos = sorted({r for pairs in grid.values() for _, r in pairs})
+    if not rhos:
+        return []
+    picks = sorted({rhos[0], rhos[(len(rhos) - 1) // 2]})
+    levels = []
+    for rho in picks:
+        level = {}
+        for name, pairs in grid.items():
+            opts = []
+            for m, r in pairs:
+                if abs(r - rho) >= 1e-9:
+                    continue
+                built = ranks.ranks.get((name, registry.get(m).name, round(r, 6))) if ranks is not None else None
+                opts.append([m, built if built is not None else profile.replacement_delta(name, m, r, align)[2]])
+            if opts:
+                level[name] = [[m, list(r) if isinstance(r, tuple) else r] for m, r in opts]
+        levels.append(level)
+    return levels
 
 
 def _fit(points: Sequence[tuple[float, int, float]]) -> Optional[tuple[float, float]]:

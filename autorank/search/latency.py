@@ -50,7 +50,7 @@ from autorank.cost.latency import (
     model_dtype,
     normalise_rank,
 )
-from autorank.cost.latency_calibration import calibrate, calibration_plans
+from autorank.cost.latency_calibration import calibrate_for_search, calibration_spec
 from autorank.cost.latency_table import STATISTICS, LatencyTable, model_signature
 from autorank.cost.profile import profile_model
 from autorank.cost.timing import LatencyError, cpu_share, default_threads, measure_paired, memory_format_name, resolve_device
@@ -202,40 +202,12 @@ def _table_job(model: nn.Module, payload: Mapping[str, Any], progress: Optional[
     t0 = time.perf_counter()
     x = batch_inputs(example, bs, model_dtype(model))
     build_table(model, profile, cands, table=table, progress=progress, example_inputs=x)
-    _calibrate(model, profile, table, payload.get("calibration"), x)
+    calibrate_for_search(model, profile, table, payload.get("calibration"), x)
     return {
         "table": table.to_dict(), "device_name": table.device_name, "threads": table.threads, "batch_size": bs,
         "new_measurements": table.measurements, "elapsed_s": time.perf_counter() - t0, "pid": os.getpid(),
         "cpu_share": _busy(resolve_device(device), threads),
     }
-
-
-def _calibrate(model: nn.Module, profile: Any, table: LatencyTable, levels: Optional[Sequence[Mapping]], x: tuple) -> None:
-    """Fit the model's estimate factor on this target once (see :mod:`autorank.cost.latency_calibration`)."""
-    if not levels or f"calibration|{model_signature(profile, table.batch_size)}" in table.models:
-        return
-    parsed = [{n: [(m, normalise_rank(r)) for m, r in opts] for n, opts in level.items()} for level in levels]
-    plans = calibration_plans(profile, table, parsed)
-    if plans:
-        calibrate(model, profile, table, plans, x)
-
-
-def calibration_levels(profile: Any, grid: Mapping[str, Sequence[tuple[str, float]]], align: Optional[int] = None
-                       ) -> list[dict[str, list[list]]]:
-    """The grid's options at its smallest and middle ρ: ``[{layer: [[method, rank], ...]}, ...]``."""
-    rhos = sorted({r for pairs in grid.values() for _, r in pairs})
-    if not rhos:
-        return []
-    picks = sorted({rhos[0], rhos[(len(rhos) - 1) // 2]})
-    levels = []
-    for rho in picks:
-        level = {}
-        for name, pairs in grid.items():
-            opts = [[m, profile.replacement_delta(name, m, r, align)[2]] for m, r in pairs if abs(r - rho) < 1e-9]
-            if opts:
-                level[name] = [[m, list(r) if isinstance(r, tuple) else r] for m, r in opts]
-        levels.append(level)
-    return levels
 
 
 def _check_same(expect: Mapping[str, Any], here: Mapping[str, Any], run_dir: str) -> None:
@@ -311,7 +283,7 @@ def latency_table_for(model, profile, choices, task, space, emit: Progress, *, t
     seed = run.read_json(TABLE_FILE) if run is not None else None
     payload = {
         **target.job(), "example": _cpu_example(task), "candidates": {n: [[m, r] for m, r in c] for n, c in cands.items()},
-        "calibration": calibration_levels(profile, grid, fixed),
+        "calibration": calibration_spec(grid, fixed, snap),
         "seed": seed, "expect": (seed or {}).get("validity"), "run_dir": f"run directory {run.path}" if run is not None else "",
     }
     total = sum(len(v) for v in cands.values()) + 1
@@ -525,7 +497,7 @@ def profile_table(model: nn.Module, example: Any, target: LatencyTarget, *, spac
     x = batch_inputs(example, target.batch_size, model_dtype(model))
     build_table(model, prof, cands, table=table, progress=progress, example_inputs=x)
     if grid:
-        _calibrate(model, prof, table, calibration_levels(prof, grid, space.align), x)
+        calibrate_for_search(model, prof, table, calibration_spec(grid, space.align, space.align is None), x)
     be = device_ranks(prof, table, grid, snap=False, align=space.align if space is not None else None).break_even if grid else {}
     return table, prof, be
 
