@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from torch import nn
 
 import autorank
 from autorank import FactorCache
+from autorank.tasks.demo import demo_weights_path
 
 
 @pytest.fixture
@@ -209,6 +211,11 @@ def test_disk_cache_is_shared_with_a_separate_process(tmp_path, count):
         """
     )
     env = dict(os.environ, AUTORANK_CACHE_DIR=str(directory), PYTHONDONTWRITEBYTECODE="1")
+    # the other process reads the trained demo this one has (training it again there took two minutes of the suite)
+    autorank.load_model("demo")
+    weights = demo_weights_path()
+    (directory / "models").mkdir(parents=True)
+    shutil.copyfile(weights, directory / "models" / weights.name)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["misses"] == 3

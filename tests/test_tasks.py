@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,30 @@ def test_corrupt_demo_cache_is_retrained_not_crashed_on(tmp_path, monkeypatch, c
     assert _same_state(model.state_dict(), trained_state)
     # rewritten whole: the next load reads it without training
     assert _same_state(autorank.load_model("demo").state_dict(), trained_state) and calls == [1]
+
+
+def test_two_loads_on_an_empty_cache_train_the_demo_once(tmp_path, monkeypatch, trained_state):
+    """Two searches (or a suite's workers) starting together: the second waits for the first's weights."""
+    import threading
+
+    monkeypatch.setenv("AUTORANK_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def slow_train():
+        calls.append(1)
+        time.sleep(0.5)  # long enough that the other load arrives while this one trains
+        return {k: v.clone() for k, v in trained_state.items()}, 0.99
+
+    monkeypatch.setattr(demo_mod, "_train", slow_train)
+    models = []
+    threads = [threading.Thread(target=lambda: models.append(demo_mod.trained_demo_model())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1] and len(models) == 2
+    assert all(_same_state(m.state_dict(), trained_state) for m in models)
+    assert [p.name for p in demo_mod.demo_weights_path().parent.iterdir()] == [demo_mod.demo_weights_path().name]
 
 
 def test_unwritable_cache_still_gives_the_trained_model(tmp_path, monkeypatch, trained_state, caplog):

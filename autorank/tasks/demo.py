@@ -19,6 +19,7 @@ this trained model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -27,7 +28,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -190,14 +191,44 @@ def _write(path: Path, state: dict[str, torch.Tensor], acc: float) -> None:
         logger.warning("could not cache the demo weights at %s: %s", path, exc)
 
 
+@contextlib.contextmanager
+def _training_lock(directory: Path) -> Iterator[None]:
+    """One process trains at a time per cache directory: the others wait, then read its weights.
+
+    An advisory lock on the directory itself (POSIX ``flock``; nothing left
+    behind). Where the directory cannot be made or locked (read-only, another
+    OS), each process trains on its own, as before.
+    """
+    try:
+        import fcntl
+
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def trained_demo_model(path: Optional[Path] = None) -> torch.nn.Module:
-    """DigitsCNN trained on the digits (cached per machine; see the module docstring), in eval mode."""
+    """DigitsCNN trained on the digits (cached per machine; see the module docstring), in eval mode.
+
+    Two processes that start on an empty cache together (two searches, a test
+    suite's workers) train it once: the second waits for the first's file.
+    """
     path = Path(path) if path is not None else demo_weights_path()
     model = seeded(demo_architecture)
-    if not _read(path, model):
-        state, acc = _train()
-        model.load_state_dict(state)
-        _write(path, state, acc)
+    if _read(path, model):
+        return model.eval()
+    with _training_lock(path.parent):
+        if not _read(path, model):
+            state, acc = _train()
+            model.load_state_dict(state)
+            _write(path, state, acc)
     return model.eval()
 
 
