@@ -20,6 +20,31 @@ torch.set_num_threads(1)  # tests check behaviour, not speed; one thread avoids 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+#: the tests that start Ray (a local instance, a two-node cluster): run one after another on one worker
+RAY_TESTS = ("tests/test_ray.py::", "tests/test_ray_latency.py::",
+             "tests/test_trust.py::test_the_local_ray_instance_listens_on_loopback_only")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Each test file on one worker (as ``--dist loadfile``), and every test that starts Ray on one worker too.
+
+    The Ray tests share a cross-process lock (:func:`ray_exclusive`): spread over two workers, one of them
+    waited for the other's cluster (two minutes of an idle core in a 17-minute suite). As one unit they run
+    one after another on one worker while the other worker runs the rest. (xdist's own ``loadgroup`` does
+    not group with pytest 9, whose node ids it can no longer rename.) A Ray test missing from
+    :data:`RAY_TESTS` still runs correctly, under the lock.
+    """
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if nodeid.startswith(RAY_TESTS) else nodeid.split("::", 1)[0]
+
+    return RayTogether(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
