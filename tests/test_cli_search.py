@@ -49,8 +49,9 @@ def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None
 def demo_run(tmp_path_factory):
     """One real search on the demo, as a user types it (small: 6 trials, one fine-tuning)."""
     home = tmp_path_factory.mktemp("user")
+    # plain fine-tuning (no re-fit, no block-wise stage: half of this run's time; tests/test_recovery*.py cover them)
     p = run_cli("search", "--budget", "30%flops", "--trials", "6", "--finetune", "1", "--finetune-steps", "20",
-                "--sensitivity-points", "2", "-q", cwd=home)
+                "--sensitivity-points", "2", "--no-refit", "--training", "{blockwise: false}", "-q", cwd=home)
     assert p.returncode == 0, p.stderr[-3000:]
     run = home / "runs" / "demo-30flops"
     return home, run, p
@@ -74,7 +75,7 @@ def test_search_again_resumes_and_adds_only_the_missing_trials(demo_run):
     home, run, _ = demo_run
     before = {p.name: p.read_text() for p in (run / "trials").glob("*.json")}
     p = run_cli("search", "--budget", "30%flops", "--trials", "7", "--finetune", "1", "--finetune-steps", "20",
-                "--sensitivity-points", "2", "-q", cwd=home)
+                "--sensitivity-points", "2", "--no-refit", "--training", "{blockwise: false}", "-q", cwd=home)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "(resuming)" in p.stdout
     after = {q.name: q.read_text() for q in (run / "trials").glob("*.json")}
