@@ -186,7 +186,7 @@ def test_a_calibrated_table_scales_the_estimate_and_keeps_a_reserve_below_a_late
 # ---------------------------------------------------------------------- measured on this CPU
 def test_break_even_excludes_a_replacement_slower_than_its_dense_layer_on_this_cpu(tmp_path):
     """Under a latency budget, a factorization of a tiny linear (two calls instead of one) is never offered."""
-    res = search(wide_mlp(), mlp_task(), budget="70%latency", out=tmp_path / "run", space=MLP_SPACE, threads=1, **QUICK)
+    res = search(wide_mlp(), mlp_task(), budget="90%latency", out=tmp_path / "run", space=MLP_SPACE, threads=1, **QUICK)
     info = json.loads((Path(res.run_dir) / "latency.json").read_text())
     assert info["break_even"] and info["target"]["threads"] == 1 and info["validity"]["threads"] == 1
     assert set(info["dropped"]) == set(SLOW_LAYERS) and all(v == ["svd"] for v in info["dropped"].values())
@@ -201,7 +201,7 @@ def test_break_even_excludes_a_replacement_slower_than_its_dense_layer_on_this_c
     assert res.front and res.original_latency_s > 0
     for m in res.front:  # each over the original measured beside it (members that left the front: measured in later rounds)
         assert m.latency_measured_s > 0 and m.speedup == pytest.approx(m.latency_original_s / m.latency_measured_s)
-        assert m.latency_breach == (m.latency_measured_s > 0.7 * m.latency_original_s)
+        assert m.latency_breach == (m.latency_measured_s > 0.9 * m.latency_original_s)
         assert m.latency_estimated_s > 0
     assert not {o["trial"] for o in res.over_budget} & {m.trial for m in res.front}
     calib = info["calibration"]  # fitted on decomposed models measured whole, beside the original
@@ -216,20 +216,20 @@ def test_break_even_excludes_a_replacement_slower_than_its_dense_layer_on_this_c
 
 def test_run_directory_refuses_a_table_from_another_device_or_configuration(tmp_path):
     out = tmp_path / "run"
-    first = search(wide_mlp(), mlp_task(), budget="70%latency", out=out, space=MLP_SPACE, threads=1, **QUICK)
+    first = search(wide_mlp(), mlp_task(), budget="90%latency", out=out, space=MLP_SPACE, threads=1, **QUICK)
     records = {p.name: p.read_bytes() for p in (out / "trials").glob("*.json")}
     # the same target resumes, reading the run's table: nothing measured again
-    again = search(wide_mlp(), mlp_task(), budget="70%latency", out=out, space=MLP_SPACE, threads=1, **{**QUICK, "trials": 6})
+    again = search(wide_mlp(), mlp_task(), budget="90%latency", out=out, space=MLP_SPACE, threads=1, **{**QUICK, "trials": 6})
     assert json.loads((out / "latency.json").read_text())["new_measurements"] == 0 and len(again.trials) == 6
     # another thread count is another configuration
     with pytest.raises(LatencyTableMismatch, match=r"run directory .*run.*threads 1 there, 2 here"):
-        search(wide_mlp(), mlp_task(), budget="70%latency", out=out, space=MLP_SPACE, threads=2, **{**QUICK, "trials": 7})
+        search(wide_mlp(), mlp_task(), budget="90%latency", out=out, space=MLP_SPACE, threads=2, **{**QUICK, "trials": 7})
     # a table measured on another machine (its validity names another device) is refused, naming both
     saved = json.loads((out / "latency-table.json").read_text())
     saved["validity"]["device_name"] = "cuda: NVIDIA H100 80GB HBM3"
     (out / "latency-table.json").write_text(json.dumps(saved))
     with pytest.raises(LatencyTableMismatch, match=r"measured on 'cuda: NVIDIA H100 80GB HBM3'.*use another --out"):
-        search(wide_mlp(), mlp_task(), budget="70%latency", out=out, space=MLP_SPACE, threads=1, **{**QUICK, "trials": 7})
+        search(wide_mlp(), mlp_task(), budget="90%latency", out=out, space=MLP_SPACE, threads=1, **{**QUICK, "trials": 7})
     assert len(list((out / "trials").glob("*.json"))) == 6  # nothing ran
     assert first.trials and all((out / "trials" / n).read_bytes() == b for n, b in records.items())
 
@@ -261,7 +261,7 @@ def test_profile_latency_and_the_search_share_one_table(tmp_path):
         assert svd["break_even_rank"] >= 1 and svd["latency_break_even_rank"] is None
     for name in FAST_LAYERS:
         assert layers[name]["methods"]["svd"]["latency_break_even_rank"] >= 40
-    res = search("tests.latency_toys:wide_mlp", "tests.latency_toys:mlp_task", budget="70%latency", out=tmp_path / "run",
+    res = search("tests.latency_toys:wide_mlp", "tests.latency_toys:mlp_task", budget="90%latency", out=tmp_path / "run",
                  space=str(space), threads=1, **QUICK)
     info = json.loads((Path(res.run_dir) / "latency.json").read_text())
     assert info["new_measurements"] == 0, "the search measured again what `autorank profile --latency` had measured"
@@ -345,7 +345,7 @@ def test_search_leaves_out_a_member_measured_over_the_latency_budget(tmp_path, m
         return res
 
     monkeypatch.setattr(base, "latency_job", job)  # what the in-process executor runs
-    res = search(wide_mlp(), mlp_task(), budget="70%latency", out=tmp_path / "run", space=MLP_SPACE, threads=1,
+    res = search(wide_mlp(), mlp_task(), budget="90%latency", out=tmp_path / "run", space=MLP_SPACE, threads=1,
                  **{**QUICK, "trials": 8})
     over = [o["trial"] for o in res.over_budget]  # (a member this busy machine really measured over the budget may join them)
     assert slowed and set(slowed) <= set(over) and not set(over) & {m.trial for m in res.front}, (slowed, res.over_budget)
