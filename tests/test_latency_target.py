@@ -217,10 +217,10 @@ def test_break_even_excludes_a_replacement_slower_than_its_dense_layer_on_this_c
 def test_run_directory_refuses_a_table_from_another_device_or_configuration(tmp_path):
     out = tmp_path / "run"
     first = search(wide_mlp(), mlp_task(), budget="90%latency", out=out, space=MLP_SPACE, threads=1, **QUICK)
-    records = {p.name: p.read_bytes() for p in (out / "trials").glob("*.json")}
     # the same target resumes, reading the run's table: nothing measured again
     again = search(wide_mlp(), mlp_task(), budget="90%latency", out=out, space=MLP_SPACE, threads=1, **{**QUICK, "trials": 6})
     assert json.loads((out / "latency.json").read_text())["new_measurements"] == 0 and len(again.trials) == 6
+    records = {p.name: p.read_bytes() for p in (out / "trials").glob("*.json")}  # what the refused runs below must not touch
     # another thread count is another configuration
     with pytest.raises(LatencyTableMismatch, match=r"run directory .*run.*threads 1 there, 2 here"):
         search(wide_mlp(), mlp_task(), budget="90%latency", out=out, space=MLP_SPACE, threads=2, **{**QUICK, "trials": 7})
