@@ -182,7 +182,8 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
     out = work / f"{key}-b{batch}-{budget.replace('%', '')}-align{align}"
     t0 = time.perf_counter()
     try:
-        target = LatencyTarget.make(args.device, batch, args.threads, clock=args.clock, memory_format=args.memory_format)
+        target = LatencyTarget.make(args.device, batch, args.threads, clock=args.clock, memory_format=args.memory_format,
+                                    rounds=args.latency_rounds)
         res = search(model, task, budget=budget, space=space, trials=args.trials, finetune=0, sensitivity_points=2, out=out,
                      cache_dir=str(work / "factor-cache"), latency_target=target, align=align, sensitivity=sens_path.get(key),
                      seed=0)
@@ -310,7 +311,8 @@ def floors(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"bench_speedup on {meta['device_name']}, {meta['threads']} threads, {meta['clock']} clock, "
-             f"{meta.get('memory_format', 'contiguous')} layout (the search's target and the eager columns); "
+             f"{meta.get('memory_format', 'contiguous')} layout (the search's target and the eager columns), "
+             f"{meta.get('latency_rounds', 5)} rounds in the calibration and the front's measurement; "
              f"load average {meta['loadavg_start']} -> {meta['loadavg_end']}, contention probe "
              f"{meta['cpu_share_start']:.2f} -> {meta['cpu_share_end']:.2f} (1.00 = an idle core)", "",
              "| model | batch | budget | align | original | best member | FLOPs | speed-up eager | eager, BN folded | "
@@ -352,6 +354,8 @@ def main() -> int:
                     help="cpu: the measuring thread's CPU time (with --threads 1): what a machine shared with other jobs can measure")
     ap.add_argument("--trials", type=int)
     ap.add_argument("--onnx-rounds", type=int, default=5)
+    ap.add_argument("--latency-rounds", type=int, default=5,
+                    help="interleaved rounds of the search's latency calibration and front re-measurement (autorank search --latency-rounds)")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--fold-bn", action="store_true",
                     help="compress the models' inference form: batch norms folded first (autorank.bn_folding), as the demo is")
@@ -375,7 +379,7 @@ def main() -> int:
 
     meta = {"device": args.device, "device_name": device_name(args.device), "threads": args.threads, "clock": args.clock,
             "quick": args.quick, "fold_bn": args.fold_bn, "memory_format": args.memory_format,
-            "trials": args.trials, "torch": torch.__version__, "loadavg_start": os.getloadavg(),
+            "trials": args.trials, "latency_rounds": args.latency_rounds, "torch": torch.__version__, "loadavg_start": os.getloadavg(),
             "cpu_share_start": contention_probe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     log(f"bench_speedup: {meta['device_name']}, {args.threads} threads, load {meta['loadavg_start']}, work {work}")
     rows = []

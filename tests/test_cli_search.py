@@ -153,6 +153,8 @@ def test_exported_model_is_smaller_and_the_plan_is_the_front_members(demo_run):
         (["search", "--budget", "30%flops", "--space", "nosuch"], ["nosuch"]),
         (["search", "--budget", "30%flops", "--task", "tests.search_toys:ToyCNN"], ["tests.search_toys:ToyCNN"]),
         (["search", "--budget", "30%flops", "--trials", "0"], ["trials"]),
+        (["search", "--budget", "50%latency", "--latency-rounds", "0", "--trials", "2"], ["latency rounds", "0"]),
+        (["profile", "--latency", "--latency-rounds", "-3"], ["latency rounds", "-3"]),
         (["front", "does-not-exist"], ["does-not-exist"]),
         (["export", "does-not-exist", "--pick", "best", "-o", "x.pt"], ["does-not-exist"]),
     ],

@@ -90,7 +90,7 @@ def test_the_calibration_measures_the_ranks_the_search_builds(tmp_path, monkeypa
     table = _stepped_table(tmp_path, model[0], (1, 256), lambda r: 1e-5 * -(-r // 16), 1.0, ranks)
     seen = []
 
-    def fake_calibrate(model, profile, table, plans, inputs, tag=None):
+    def fake_calibrate(model, profile, table, plans, inputs, rounds=5, tag=None):
         seen.append(([dict(p) for p in plans], tag))
         table.models[f"calibration|{model_signature(profile, 1)}"] = {"scale": 1.0, **tag}
 

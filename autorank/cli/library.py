@@ -215,7 +215,8 @@ def cmd_profile(args) -> int:
     table = None
     if not args.no_latency:
         target = LatencyTarget.make(args.device, bs, args.threads, model=model,
-                                    memory_format="channels_last" if args.channels_last else "contiguous")
+                                    memory_format="channels_last" if args.channels_last else "contiguous",
+                                    rounds=5 if args.latency_rounds is None else args.latency_rounds)
         space = SearchSpace.load(args.space) if args.latency else None
         with _table_progress(err, args.json, f"measuring latency on {args.device}") as progress:
             table, base_prof, break_even = profile_table(model, x, target, space=space, progress=progress)
@@ -341,6 +342,8 @@ def add_commands(sub) -> None:
                     help="also measure every replacement of the search space's grid and show each method's latency break-even "
                          "rank (the search reads the same table)")
     pr.add_argument("--space", default="default", metavar="NAME|FILE", help="with --latency: the search space (default: default)")
+    pr.add_argument("--latency-rounds", type=int, metavar="N",
+                    help="with --latency: interleaved rounds of the latency calibration (default 5), as `autorank search --latency-rounds`")
     pr.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     pr.add_argument("--budget", help="also check a budget, e.g. 30%%flops or flops<=1.2G,latency<=4ms")
     pr.add_argument("--json", action="store_true", help="machine-readable output")

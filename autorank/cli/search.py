@@ -172,6 +172,7 @@ def cmd_search(args) -> int:
             warm_start=not args.no_warm_start, sensitivity_points=args.sensitivity_points, executor=executor, progress=prog,
             cache_dir=args.cache_dir, sensitivity_mode=args.sensitivity, device=args.device, batch_size=args.batch_size,
             threads=args.threads, align=_align(args.align), memory_format="channels_last" if args.channels_last else None,
+            latency_rounds=args.latency_rounds,
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -446,6 +447,9 @@ def add_commands(sub) -> None:
     s.add_argument("--channels-last", action="store_true",
                    help="measure every latency with the models' 4-D weights and inputs in channels-last (NHWC), the layout "
                         "a CNN is fastest in on a CPU; deploy the picked model the same way")
+    s.add_argument("--latency-rounds", type=int, metavar="N",
+                   help="interleaved rounds of the latency calibration and of the front's re-measurement (default 5; "
+                        "more: steadier estimates and speed-ups on a noisy machine, for proportionally more time)")
     s.add_argument("--align", metavar="MODE", help="rank alignment: auto (to the device's measured latency steps under a "
                                                    "latency budget; default), device (under any budget), none, or a multiple such as 8")
     s.set_defaults(func=cmd_search)

@@ -25,7 +25,8 @@ from autorank._format import format_seconds
 from autorank.errors import AutorankError
 
 __all__ = [
-    "DeviceError", "LatencyError", "Timing", "measure", "measure_side_by_side", "measure_paired", "device_name", "resolve_device",
+    "DeviceError", "LatencyError", "Timing", "measure", "measure_side_by_side", "measure_paired", "measure_rounds", "paired_ratios",
+    "device_name", "resolve_device",
     "combine_timings", "default_threads", "cpu_share", "MEMORY_FORMATS", "memory_format_name", "to_memory_format",
 ]
 
@@ -483,7 +484,7 @@ def measure_side_by_side(
     to the first call of every round: a one-call round then measures it).
     To compare modules with one of them, :func:`measure_paired` (what the search uses).
     """
-    per = _rounds_side_by_side(modules, inputs, device=device, threads=threads, rounds=rounds, warmup=warmup,
+    per = measure_rounds(modules, inputs, device=device, threads=threads, rounds=rounds, warmup=warmup,
                                repeats=repeats, min_time=min_time, clock=clock, max_time=max_time,
                                memory_format=memory_format)
     return {k: combine_timings(v) for k, v in per.items()}
@@ -512,23 +513,33 @@ def measure_paired(
     """
     if reference not in modules:
         raise LatencyError(f"reference {reference!r} is not one of the modules measured")
-    per = _rounds_side_by_side(modules, inputs, **kwargs)
+    per = measure_rounds(modules, inputs, **kwargs)
+    speedups = {k: _quantile(r, 0.5) for k, r in paired_ratios(per, reference, statistic).items()}
+    return {k: combine_timings(v) for k, v in per.items()}, speedups
+
+
+def paired_ratios(per: Mapping[Any, Sequence[Timing]], reference: Any, statistic: str = "median") -> dict[Any, list[float]]:
+    """Each module's speed-up over ``reference`` in each round (``per``: :func:`measure_rounds`), sorted.
+
+    Rounds of two measurements can be pooled by concatenating their lists
+    (what the latency calibration does for a plan it measures again).
+    """
     ref = per[reference]
-    speedups = {}
+    out: dict[Any, list[float]] = {}
     for k, timings in per.items():
         if k == reference:
             continue
         ratios = sorted(getattr(r, statistic) / getattr(t, statistic) for r, t in zip(ref, timings) if getattr(t, statistic) > 0)
         if ratios:
-            speedups[k] = _quantile(ratios, 0.5)
-    return {k: combine_timings(v) for k, v in per.items()}, speedups
+            out[k] = ratios
+    return out
 
 
-def _rounds_side_by_side(modules: Mapping[Any, nn.Module], inputs: Any, *, device: Union[str, torch.device] = "cpu",
-                         threads: Optional[int] = None, rounds: int = 5, warmup: int = 3, repeats: int = 10,
-                         min_time: float = 0.05, clock: str = "wall", max_time: Optional[float] = None,
-                         memory_format: str = "contiguous") -> dict[Any, list[Timing]]:
-    """Each module's timing in each round (see :func:`measure_side_by_side`)."""
+def measure_rounds(modules: Mapping[Any, nn.Module], inputs: Any, *, device: Union[str, torch.device] = "cpu",
+                   threads: Optional[int] = None, rounds: int = 5, warmup: int = 3, repeats: int = 10,
+                   min_time: float = 0.05, clock: str = "wall", max_time: Optional[float] = None,
+                   memory_format: str = "contiguous") -> dict[Any, list[Timing]]:
+    """Each module's timing in each round, ``{key: [Timing per round]}`` (see :func:`measure_side_by_side`)."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise LatencyError(f"rounds must be a positive integer, got {rounds!r}")
     keys = list(modules)

@@ -97,6 +97,10 @@ def declared_threads(*owners: Any) -> Optional[int]:
     return None
 
 
+#: the most interleaved rounds a latency measurement takes
+MAX_ROUNDS = 100
+
+
 @dataclass(frozen=True)
 class LatencyTarget:
     """Where the search measures latency: ``device`` (``cpu``, ``cuda``, ``cuda:N``), ``batch_size``, ``threads``.
@@ -105,7 +109,9 @@ class LatencyTarget:
     with (:func:`declared_threads`: a ``latency_threads`` attribute, the demo's 1),
     else the target machine's default (its physical cores,
     :func:`autorank.cost.timing.default_threads`), resolved where the measurement
-    runs. ``rounds``: interleaved rounds of the front's re-measurement.
+    runs. ``rounds``: interleaved rounds of the front's re-measurement and of the
+    latency calibration (more rounds: a steadier estimate and front on a noisy
+    machine, for proportionally more time measuring them).
     ``statistic``: what a latency is of its timed samples (each at least 1 ms of
     calls): ``min``, the fastest (default: the latency of the device when
     nothing else runs on it; on a shared machine other processes only ever add
@@ -129,8 +135,8 @@ class LatencyTarget:
 
     @classmethod
     def make(cls, device: Optional[str], batch_size: Optional[int], threads: Optional[int], task: Any = None,
-             statistic: str = "min", clock: str = "wall", model: Any = None, memory_format: str = "contiguous"
-             ) -> "LatencyTarget":
+             statistic: str = "min", clock: str = "wall", model: Any = None, memory_format: str = "contiguous",
+             rounds: int = 5) -> "LatencyTarget":
         """Checked settings; ``device`` None: the task's device (else cpu), ``batch_size`` None: 1, ``threads``
         None on a CPU: what the task or model declares (:func:`declared_threads`), else the machine's default."""
         dev = str(device if device is not None else (getattr(task, "device", None) or "cpu"))
@@ -147,11 +153,14 @@ class LatencyTarget:
             raise LatencyError(f"batch size must be a positive integer, got {batch_size!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise LatencyError(f"threads must be a positive integer, got {threads!r}")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS:
+            raise LatencyError(f"latency rounds must be an integer from 1 to {MAX_ROUNDS}, got {rounds!r}")
         if statistic not in STATISTICS:
             raise LatencyError(f"latency statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
         if clock not in ("wall", "cpu") or (clock == "cpu" and (kind != "cpu" or threads != 1)):
             raise LatencyError(f"clock {clock!r}: use wall, or cpu with device cpu and threads 1 (got {dev}, threads {threads})")
-        return cls(dev, int(bs), threads, statistic=statistic, clock=clock, memory_format=memory_format_name(memory_format))
+        return cls(dev, int(bs), threads, rounds=rounds, statistic=statistic, clock=clock,
+                   memory_format=memory_format_name(memory_format))
 
     def to_dict(self) -> dict[str, Any]:
         out = {"device": self.device, "batch_size": self.batch_size, "threads": self.threads, "statistic": self.statistic,
@@ -202,7 +211,7 @@ def _table_job(model: nn.Module, payload: Mapping[str, Any], progress: Optional[
     t0 = time.perf_counter()
     x = batch_inputs(example, bs, model_dtype(model))
     build_table(model, profile, cands, table=table, progress=progress, example_inputs=x)
-    calibrate_for_search(model, profile, table, payload.get("calibration"), x)
+    calibrate_for_search(model, profile, table, payload.get("calibration"), x, rounds=int(payload.get("rounds", 5)))
     return {
         "table": table.to_dict(), "device_name": table.device_name, "threads": table.threads, "batch_size": bs,
         "new_measurements": table.measurements, "elapsed_s": time.perf_counter() - t0, "pid": os.getpid(),
@@ -497,7 +506,7 @@ def profile_table(model: nn.Module, example: Any, target: LatencyTarget, *, spac
     x = batch_inputs(example, target.batch_size, model_dtype(model))
     build_table(model, prof, cands, table=table, progress=progress, example_inputs=x)
     if grid:
-        calibrate_for_search(model, prof, table, calibration_spec(grid, space.align, space.align is None), x)
+        calibrate_for_search(model, prof, table, calibration_spec(grid, space.align, space.align is None), x, rounds=target.rounds)
     be = device_ranks(prof, table, grid, snap=False, align=space.align if space is not None else None).break_even if grid else {}
     return table, prof, be
 

@@ -112,6 +112,7 @@ def search(
     align: Union[str, int, None] = "auto",
     latency_target: Optional[LatencyTarget] = None,
     memory_format: Optional[str] = None,
+    latency_rounds: Optional[int] = None,
 ):
     """Search per-layer methods and ranks for ``model`` under ``budget``; returns a :class:`SearchResult`.
 
@@ -152,9 +153,12 @@ def search(
     ``channels_last`` measures every latency with the models' 4-D weights and
     inputs in NHWC, the layout a CNN deployed on a CPU is fastest in (default
     ``contiguous``, PyTorch's NCHW); deploy the chosen member the same way
-    (``model.to(memory_format=torch.channels_last)``). ``latency_target``:
-    all of these settings at once, and more (:class:`~autorank.search.latency.LatencyTarget`:
-    the statistic, the clock, the front's rounds), instead of the four arguments.
+    (``model.to(memory_format=torch.channels_last)``). ``latency_rounds``:
+    interleaved rounds of the latency calibration and of the front's
+    re-measurement (default 5; more make both steadier on a noisy machine, for
+    proportionally more time). ``latency_target``: all of these settings at once,
+    and more (:class:`~autorank.search.latency.LatencyTarget`: the statistic,
+    the clock), instead of the five arguments.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t_start = time.perf_counter()
@@ -189,10 +193,11 @@ def search(
     except AutorankError as exc:
         raise SearchError(str(exc)) from None
     steps, ft_time = _finetune_budget(finetune_steps, finetune_time, space.training, task)
-    if latency_target is not None and (device, batch_size, threads, memory_format) != (None, None, None, None):
-        raise SearchError("give either latency_target or device / batch_size / threads / memory_format, not both")
+    if latency_target is not None and (device, batch_size, threads, memory_format, latency_rounds) != (None,) * 5:
+        raise SearchError("give either latency_target or device / batch_size / threads / memory_format / latency_rounds, not both")
     target = latency_target or LatencyTarget.make(device, batch_size, threads, task, model=model,
-                                                  memory_format=memory_format or "contiguous")
+                                                  memory_format=memory_format or "contiguous",
+                                                  rounds=5 if latency_rounds is None else latency_rounds)
     needs_table = budget.needs_latency or (align == "device" and space.align is None)
     executor = executor or InProcessExecutor()
     if needs_table or measure_latency:  # a device this machine (or the cluster) lacks fails now, not after the trials
