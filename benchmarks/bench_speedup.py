@@ -20,7 +20,8 @@ rounds, the speed-up the median of the per-round ratios: see ``autorank.search.l
 - the fastest member's eager speed-up;
 - the latency estimate against the re-measurement, over every member: the median absolute error of the
   estimated speed-up (estimate / estimated original against measurement / measured original: the machine's
-  drift between the table and the front cancels out) and of the absolute estimate;
+  drift between the table and the front cancels out) and of the absolute estimate; the floor's median also
+  counts the members measured over a latency budget, which left the front (their estimates missed too);
 - how many members break the budget when re-measured.
 
 Models (random weights; the score is label-free fidelity, the cosine of the outputs with the original's on
@@ -66,6 +67,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from autorank import Plan  # noqa: E402
 from autorank.bn_folding import fold_batch_norms  # noqa: E402
 from autorank.cost.budget import BudgetError  # noqa: E402
 from autorank.cost.latency import batch_inputs, estimate_latency  # noqa: E402
@@ -247,6 +249,21 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
             onnx = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     errs = [r["speedup_estimate_error"] for r in members if "speedup_estimate_error" in r]
     abs_errs = [r["absolute_estimate_error"] for r in members if "absolute_estimate_error" in r]
+    # members measured over a latency budget left the front: their estimates missed too, and count in the error
+    records = {r["number"]: r for r in res.trials}
+    left_out = []
+    for o in res.over_budget:
+        lo = {k: o.get(k) for k in ("trial", "summary", "latency_measured_s", "original_latency_s")}
+        rec = records.get(o.get("trial"))
+        if base_est and rec is not None and o.get("latency_measured_s") and o.get("original_latency_s"):
+            try:
+                est = estimate_latency(prof, Plan.from_dict(rec["plan"]), table, model=model)
+                meas_ratio = o["latency_measured_s"] / o["original_latency_s"]
+                lo.update(estimated_s=est, speedup_estimate_error=abs(est / base_est - meas_ratio) / meas_ratio)
+            except Exception as exc:  # pragma: no cover - a rank the table lacks and cannot measure
+                log(f"  estimate failed for trial {o.get('trial')}: {exc}")
+        left_out.append(lo)
+    all_errs = errs + [lo["speedup_estimate_error"] for lo in left_out if "speedup_estimate_error" in lo]
     info = json.loads((Path(res.run_dir) / "latency.json").read_text()) if (Path(res.run_dir) / "latency.json").exists() else {}
     row = {
         "model": key, "input": list(shape), "batch": batch, "budget": budget, "align": str(align), "elapsed_s": elapsed,
@@ -254,12 +271,14 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
         "original_s": res.original_latency_s, "front": members, "front_size": len(res.front),
         "breaches": sum(1 for m in res.front if m.latency_breach),
         # members measured over the latency budget and left out of the front (the trials they dominated measured instead)
-        "left_out": [{k: o.get(k) for k in ("trial", "summary", "latency_measured_s", "original_latency_s")} for o in res.over_budget],
+        "left_out": left_out,
         "best": None if best is None else {"trial": best.trial, "summary": best.summary, "score": best.score,
                                            "flops_ratio": best.flops_ratio, "speedup": best.speedup,
                                            "onnx": onnx, "folded": folded, "channels_last": channels_last},
         "fastest_speedup": fastest.speedup if fastest is not None else None,
         "median_speedup_estimate_error": statistics.median(errs) if errs else None,
+        # over every member measured: the front's and those that left it
+        "median_speedup_estimate_error_all": statistics.median(all_errs) if all_errs else None,
         "median_absolute_estimate_error": statistics.median(abs_errs) if abs_errs else None,
         "ranks_moved": info.get("ranks_moved"), "refused": sum(len(v) for v in (info.get("refused") or {}).values()),
         # the original at the front against the original beside the calibration's plans (> 0: slower at the front)
@@ -285,10 +304,11 @@ def floors(rows: list[dict]) -> list[dict]:
             continue
         if r["budget"].endswith("latency"):
             ok_budget = r["breaches"] == 0
-            err = r["median_speedup_estimate_error"]
+            err = r.get("median_speedup_estimate_error_all", r["median_speedup_estimate_error"])
             out.append({"what": f"{r['model']} b{r['batch']} {r['budget']} align {r['align']}: every member within budget",
                         "value": f"{r['front_size'] - r['breaches']}/{r['front_size']}", "ok": ok_budget})
-            out.append({"what": f"{r['model']} b{r['batch']} {r['budget']} align {r['align']}: median estimate error <= 10%",
+            out.append({"what": f"{r['model']} b{r['batch']} {r['budget']} align {r['align']}: median estimate error <= 10% "
+                                "(every member measured, left the front or not)",
                         "value": None if err is None else f"{err:.1%}", "ok": err is not None and err <= 0.10})
         elif r["budget"] == "30%flops":
             need = 1.8 if r["batch"] >= 32 else 1.5
@@ -317,13 +337,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['cpu_share_start']:.2f} -> {meta['cpu_share_end']:.2f} (1.00 = an idle core)", "",
              "| model | batch | budget | align | original | best member | FLOPs | speed-up eager | eager, BN folded | "
              "eager, folded, channels-last | speed-up ONNX | fastest | "
-             "est. error (speed-up) | est. error (abs.) | members over budget | left the front |",
-             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "est. error (speed-up) | with those that left | est. error (abs.) | members over budget | left the front |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = r["best"] or {}
         if r.get("unreachable"):
             lines.append(f"| {r['model']} | {r['batch']} | {r['budget']} | {r['align']} | unreachable: "
-                         f"{r['unreachable'].split(': ', 1)[-1]} ||||||||||||")
+                         f"{r['unreachable'].split(': ', 1)[-1]} |||||||||||||")
             continue
         onnx = (b.get("onnx") or {}).get("speedup")
         fold = (b.get("folded") or {}).get("speedup")
@@ -334,6 +354,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{b.get('summary', '-')} | {fmt(b.get('flops_ratio'), '.1%')} | {fmt(b.get('speedup'), '.2f')}x | {fmt(fold, '.2f')}x | "
             f"{fmt(cl, '.2f')}x | {fmt(onnx, '.2f')}x | "
             f"{fmt(r['fastest_speedup'], '.2f')}x | {fmt(r['median_speedup_estimate_error'], '.1%')} | "
+            f"{fmt(r.get('median_speedup_estimate_error_all'), '.1%')} | "
             f"{fmt(r['median_absolute_estimate_error'], '.1%')} | {r['breaches']}/{r['front_size']} | {len(r.get('left_out') or [])} |")
     lines += ["", "| floor | value | met |", "|---|---:|---|"]
     for f in meta["floors"]:
