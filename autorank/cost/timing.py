@@ -485,8 +485,7 @@ def measure_side_by_side(
     To compare modules with one of them, :func:`measure_paired` (what the search uses).
     """
     per = measure_rounds(modules, inputs, device=device, threads=threads, rounds=rounds, warmup=warmup,
-                               repeats=repeats, min_time=min_time, clock=clock, max_time=max_time,
-                               memory_format=memory_format)
+                         repeats=repeats, min_time=min_time, clock=clock, max_time=max_time, memory_format=memory_format)
     return {k: combine_timings(v) for k, v in per.items()}
 
 
