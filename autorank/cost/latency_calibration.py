@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from statistics import median
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -261,15 +262,9 @@ def _points(per: Mapping[Any, Sequence[Any]], ests: Sequence[tuple[float, int]],
     points = []
     for i, (e, n) in enumerate(ests):
         r = ratios.get(i)
-        measured = base / _median(r) if r else getattr(combine_timings(per[i]), stat)
+        measured = base / median(r) if r else getattr(combine_timings(per[i]), stat)
         points.append((e, n, measured - base))
     return base, points
-
-
-def _median(values: Sequence[float]) -> float:
-    v = sorted(values)
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
 
 
 def _residual(point: tuple[float, int, float], fit: tuple[float, float]) -> float:
@@ -305,8 +300,8 @@ def _outliers(points: Sequence[tuple[float, int, float]], fit: Optional[tuple[fl
         if f is None:
             break
         res = {i: _residual(points[i], f) for i in keep}
-        mid = _median(list(res.values()))
-        sigma = 1.4826 * _median([abs(r - mid) for r in res.values()])
+        mid = median(list(res.values()))
+        sigma = 1.4826 * median([abs(r - mid) for r in res.values()])
         worst = max(keep, key=lambda i: abs(res[i] - mid))
         if abs(res[worst] - mid) <= max(OUTLIER_SIGMAS * sigma, OUTLIER_FLOOR * base):
             break
