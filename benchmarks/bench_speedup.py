@@ -179,6 +179,12 @@ def folded_speedup(original: torch.nn.Module, small: torch.nn.Module, x: torch.T
     return _paired(times)
 
 
+def speedup_error(estimate: float, estimated_original: float, measured: float, measured_original: float) -> float:
+    """How far the estimated share of the original's latency is from the measured one, relative to the measured."""
+    est_ratio, meas_ratio = estimate / estimated_original, measured / measured_original
+    return abs(est_ratio - meas_ratio) / meas_ratio
+
+
 def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, shape, space: dict, batch: int, budget: str,
                align, args, work: Path, sens_path: dict, log) -> dict[str, Any]:
     out = work / f"{key}-b{batch}-{budget.replace('%', '')}-align{align}"
@@ -220,8 +226,7 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
                "params_ratio": m.params_ratio, "measured_s": m.latency_measured_s, "speedup": m.speedup,
                "breach": m.latency_breach, "estimated_s": est}
         if est and m.latency_measured_s and res.original_latency_s:
-            est_ratio, meas_ratio = est / base_est, m.latency_measured_s / res.original_latency_s
-            row["speedup_estimate_error"] = abs(est_ratio - meas_ratio) / meas_ratio
+            row["speedup_estimate_error"] = speedup_error(est, base_est, m.latency_measured_s, res.original_latency_s)
             row["absolute_estimate_error"] = abs(est - m.latency_measured_s) / m.latency_measured_s
         members.append(row)
     best = res.best
@@ -258,8 +263,8 @@ def run_config(key: str, spec: str, model: torch.nn.Module, task: FidelityTask, 
         if base_est and rec is not None and o.get("latency_measured_s") and o.get("original_latency_s"):
             try:
                 est = estimate_latency(prof, Plan.from_dict(rec["plan"]), table, model=model)
-                meas_ratio = o["latency_measured_s"] / o["original_latency_s"]
-                lo.update(estimated_s=est, speedup_estimate_error=abs(est / base_est - meas_ratio) / meas_ratio)
+                lo.update(estimated_s=est, speedup_estimate_error=speedup_error(est, base_est, o["latency_measured_s"],
+                                                                                o["original_latency_s"]))
             except Exception as exc:  # pragma: no cover - a rank the table lacks and cannot measure
                 log(f"  estimate failed for trial {o.get('trial')}: {exc}")
         left_out.append(lo)
